@@ -1,0 +1,93 @@
+"""ONNX Runtime backend with explicit execution providers and threads."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from edgemm.runtime.backends.base import Backend
+from edgemm.runtime.errors import BackendError, require
+from edgemm.runtime.manifest import TensorSpec
+
+# Our short names → ONNX Runtime provider names, and the extra that brings each.
+PROVIDERS = {
+    "cpu": ("CPUExecutionProvider", "onnx"),
+    "cuda": ("CUDAExecutionProvider", "gpu"),
+    "tensorrt": ("TensorrtExecutionProvider", "gpu"),
+}
+
+_ORT_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(double)": "float64",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+    "tensor(uint8)": "uint8",
+    "tensor(int8)": "int8",
+    "tensor(bool)": "bool",
+}
+
+
+def _spec(arg) -> TensorSpec:
+    shape = [d if isinstance(d, int) else (d or "dynamic") for d in arg.shape]
+    return TensorSpec(name=arg.name, dtype=_ORT_TYPES.get(arg.type, arg.type), shape=shape)
+
+
+class OnnxRuntimeBackend(Backend):
+    """One ONNX graph in an ``onnxruntime.InferenceSession``.
+
+    Args:
+        path: The ``.onnx`` file.
+        providers: Short provider names in priority order (``"cpu"``, ``"cuda"``,
+            ``"tensorrt"``). Every one must be available: a missing one is an
+            error, never a quiet fall back to the CPU.
+        threads: Intra-op threads; ``None`` lets ONNX Runtime use every core.
+
+    Raises:
+        BackendError: A provider is unknown or unavailable, or the file cannot be loaded.
+        MissingDependencyError: onnxruntime is not installed.
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, path: str | Path, *, providers: tuple[str, ...] | list[str] = ("cpu",), threads: int | None = None):
+        super().__init__()
+        ort = require("onnxruntime", "onnx", "The ONNX Runtime backend")
+        if not providers:
+            raise BackendError("onnxruntime: no execution provider given; pass e.g. providers=('cpu',).")
+        available = set(ort.get_available_providers())
+        chosen = []
+        for short in providers:
+            if short not in PROVIDERS:
+                raise BackendError(f"onnxruntime: unknown provider '{short}'; choose from {sorted(PROVIDERS)}.")
+            full, extra = PROVIDERS[short]
+            if full not in available:
+                raise BackendError(
+                    f"onnxruntime: provider '{short}' ({full}) is not available in this onnxruntime build "
+                    f"(available: {sorted(available)}). Install it with: pip install 'edgemm[{extra}]' "
+                    "(in place of the CPU-only onnxruntime), on a machine with the matching GPU drivers."
+                )
+            chosen.append(full)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads is not None:
+            if not isinstance(threads, int) or threads < 1:
+                raise BackendError(f"onnxruntime: threads must be a positive integer or None, got {threads!r}.")
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=options, providers=chosen)
+        except Exception as e:  # onnxruntime raises its own untyped errors for corrupt files
+            raise BackendError(f"onnxruntime could not load '{path}': {e}") from e
+        self.providers = list(self.session.get_providers())
+        self.threads = threads
+        self.path = Path(path)
+        self.inputs = [_spec(a) for a in self.session.get_inputs()]
+        self.outputs = [_spec(a) for a in self.session.get_outputs()]
+        self._output_names = [o.name for o in self.outputs]
+
+    def _infer(self, feeds: dict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
+        values = self.session.run(self._output_names, feeds)
+        return OrderedDict(zip(self._output_names, values))

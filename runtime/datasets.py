@@ -1,0 +1,128 @@
+"""Real evaluation data that installs offline: sample photos and Fashion-MNIST.
+
+Sample photos come from the scikit-image, scikit-learn and matplotlib wheels
+(the ``eval`` extra); Fashion-MNIST from Debian's ``dataset-fashion-mnist``.
+"""
+
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgemm.runtime.errors import InputError, require
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+
+
+@dataclass(frozen=True)
+class SamplePhoto:
+    name: str  # where it comes from, e.g. "skimage.chelsea"
+    image: np.ndarray  # RGB uint8 (H, W, 3)
+    label: str  # the subject, one of SAMPLE_LABELS
+    imagenet_like: bool  # subject is an everyday object of the kind ImageNet covers
+
+
+# One label vocabulary for every photo, so each photo is classified among all of them.
+SAMPLE_LABELS = (
+    "brick wall", "building", "camera", "cat", "clock", "coins", "cup of coffee", "flower",
+    "galaxy", "grass", "gravel", "moon", "person", "rocket",
+)
+
+_PHOTOS = (
+    # (loader, name, label, imagenet_like)
+    ("skimage", "astronaut", "person", True),
+    ("skimage", "chelsea", "cat", True),
+    ("skimage", "camera", "camera", True),
+    ("skimage", "clock", "clock", True),
+    ("skimage", "coffee", "cup of coffee", True),
+    ("skimage", "coins", "coins", True),
+    ("skimage", "rocket", "rocket", True),
+    ("sklearn", "china.jpg", "building", True),
+    ("sklearn", "flower.jpg", "flower", True),
+    ("matplotlib", "grace_hopper.jpg", "person", True),
+    ("skimage", "hubble_deep_field", "galaxy", False),
+    ("skimage", "moon", "moon", False),
+    ("skimage", "brick", "brick wall", False),
+    ("skimage", "grass", "grass", False),
+    ("skimage", "gravel", "gravel", False),
+)
+
+
+def _rgb(a: np.ndarray) -> np.ndarray:
+    a = np.asarray(a)
+    if a.ndim == 2:
+        a = np.repeat(a[:, :, None], 3, axis=2)
+    return np.ascontiguousarray(a[:, :, :3].astype(np.uint8))
+
+
+def sample_photos() -> list[SamplePhoto]:
+    """The 15 real sample photos with their subjects (RGB arrays).
+
+    Raises:
+        MissingDependencyError: scikit-image / scikit-learn / matplotlib are not installed.
+    """
+    skdata = require("skimage.data", "eval", "The sample photos")
+    sk_datasets = require("sklearn.datasets", "eval", "The sample photos")
+    mpl = require("matplotlib", "eval", "The sample photos")
+    from PIL import Image
+
+    sklearn_images = dict(zip(("china.jpg", "flower.jpg"), sk_datasets.load_sample_images().images))
+    photos = []
+    for source, name, label, like in _PHOTOS:
+        if source == "skimage":
+            image = getattr(skdata, name)()
+        elif source == "sklearn":
+            image = sklearn_images[name]
+        else:
+            with Image.open(Path(mpl.get_data_path()) / "sample_data" / name) as im:
+                image = np.asarray(im.convert("RGB"))
+        photos.append(SamplePhoto(f"{source}.{name.split('.')[0]}", _rgb(image), label, like))
+    return photos
+
+
+def fashion_mnist(split: str = "test", root: str | Path = FASHION_MNIST_DIR) -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST images (N, 28, 28) uint8 and labels (N,) from the IDX files.
+
+    Raises:
+        InputError: Unknown split, or the files are not installed (names the package).
+    """
+    prefix = {"test": "t10k", "train": "train"}.get(split)
+    if prefix is None:
+        raise InputError(f"unknown Fashion-MNIST split {split!r}; use 'train' or 'test'.")
+    root = Path(root)
+    images, labels = root / f"{prefix}-images-idx3-ubyte.gz", root / f"{prefix}-labels-idx1-ubyte.gz"
+    if not images.is_file() or not labels.is_file():
+        raise InputError(
+            f"Fashion-MNIST is not installed at {root}. Install it with: apt-get install dataset-fashion-mnist"
+        )
+    with gzip.open(images) as f:
+        raw = f.read()
+    magic, n, rows, cols = np.frombuffer(raw[:16], ">u4")
+    if magic != 2051:
+        raise InputError(f"{images} is not an IDX image file (magic {magic}).")
+    x = np.frombuffer(raw, np.uint8, offset=16).reshape(int(n), int(rows), int(cols))
+    with gzip.open(labels) as f:
+        raw = f.read()
+    if np.frombuffer(raw[:4], ">u4")[0] != 2049:
+        raise InputError(f"{labels} is not an IDX label file.")
+    y = np.frombuffer(raw, np.uint8, offset=8)
+    return x, y.astype(np.int64)
+
+
+# Real sentences of varied length, for verifying text graphs and benchmarking them.
+SAMPLE_SENTENCES = (
+    "a photo of a cat",
+    "a red car parked on a wet street at night",
+    "forklift",
+    "two people walking a dog along the beach at sunset, with waves breaking behind them",
+    "an espresso in a white cup on a saucer",
+    "a rocket lifting off from the launch pad, trailing smoke and fire across the sky above the ocean",
+    "person",
+    "an empty warehouse aisle with pallets stacked high on metal shelves",
+)

@@ -1,0 +1,146 @@
+"""Image preprocessing for camera frames, files and PIL images, without torch.
+
+The reference (the PyTorch pipeline the graphs are verified with) crops the
+centre square and resizes it with an antialiased bilinear filter. Doing that
+exactly on a 1080p frame costs 5-8 ms; here a bilinear resize to twice the
+target followed by a 2x2 area average gives the same antialiasing for about
+0.6 ms, and the tests bound the difference to the reference.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from edgemm.runtime.errors import InputError
+from edgemm.runtime.manifest import ImagePreprocess
+
+COLOR_ORDERS = ("bgr", "rgb")
+
+
+def center_crop_box(height: int, width: int, fraction: float) -> tuple[int, int, int]:
+    """(top, left, side) of the centred square kept before resizing; shared with the reference."""
+    side = max(1, int(round(min(height, width) * fraction)))
+    return (height - side) // 2, (width - side) // 2, side
+
+
+def _read_file(path: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.exists():
+        raise InputError(f"image file '{path}' does not exist.")
+    if not path.is_file():
+        raise InputError(f"image path '{path}' is not a file.")
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise InputError(f"'{path}' could not be read as an image ({e}); pass a JPEG, PNG, BMP, … file.") from e
+
+
+def to_rgb(image: Any, color: str = "bgr", *, where: str = "image") -> np.ndarray:
+    """Any supported image → contiguous RGB uint8 array (H, W, 3).
+
+    Args:
+        image: numpy uint8 array (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); a PIL
+            image; or a path to an image file.
+        color: Channel order of 3/4-channel arrays: ``"bgr"`` (OpenCV frames,
+            the default) or ``"rgb"``. Files and PIL images carry their own.
+        where: How to name this image in error messages.
+
+    Raises:
+        InputError: Unsupported type, dtype, shape or colour order, or an unreadable file.
+    """
+    if color not in COLOR_ORDERS:
+        raise InputError(f"color must be one of {COLOR_ORDERS}, got {color!r}.")
+    if isinstance(image, (str, os.PathLike)):
+        return _read_file(Path(image))
+    if not isinstance(image, np.ndarray):
+        try:
+            from PIL import Image
+        except ImportError:  # pragma: no cover - pillow is a dependency
+            Image = None
+        if Image is not None and isinstance(image, Image.Image):
+            return np.asarray(image.convert("RGB"))
+        raise InputError(
+            f"{where}: expected a numpy array, a PIL image or a file path, got {type(image).__name__}."
+        )
+    if image.dtype != np.uint8:
+        raise InputError(
+            f"{where}: expected dtype uint8 (0-255), got {image.dtype}. Convert first, e.g. "
+            "np.clip(img * 255, 0, 255).astype(np.uint8) for floats in [0, 1]."
+        )
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
+        raise InputError(
+            f"{where}: expected shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {image.shape}."
+        )
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise InputError(f"{where}: image is empty (shape {image.shape}).")
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    if image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB if color == "bgr" else cv2.COLOR_RGBA2RGB)
+    return np.ascontiguousarray(image[:, :, ::-1]) if color == "bgr" else image
+
+
+class ImagePreprocessor:
+    """Turns images into the image graph's normalised NCHW float32 batch.
+
+    Args:
+        spec: The manifest's image preprocessing.
+    """
+
+    def __init__(self, spec: ImagePreprocess):
+        if spec.color != "RGB":
+            raise InputError(f"unsupported graph colour order {spec.color!r}; this runtime feeds RGB.")
+        self.spec = spec
+        self.size = int(spec.size)
+        # Folded so one multiply-add per pixel does (x - mean) / std.
+        self._scale = (1.0 / np.asarray(spec.std, np.float32)).reshape(1, 1, 3)
+        self._shift = (-np.asarray(spec.mean, np.float32) / np.asarray(spec.std, np.float32)).reshape(1, 1, 3)
+
+    def resize(self, image: np.ndarray) -> np.ndarray:
+        """Centre-crop and resize an (H, W, C) uint8 array to (size, size, C), keeping channel order."""
+        top, left, side = center_crop_box(image.shape[0], image.shape[1], self.spec.crop_fraction)
+        crop = image[top : top + side, left : left + side]
+        size = self.size
+        if side > 2 * size:
+            crop = cv2.resize(crop, (2 * size, 2 * size), interpolation=cv2.INTER_LINEAR)
+            return cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)
+        if side > size:
+            return cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)
+        return cv2.resize(crop, (size, size), interpolation=cv2.INTER_LINEAR)
+
+    def __call__(self, images: Sequence[Any], color: str = "bgr") -> np.ndarray:
+        """Preprocess a batch.
+
+        Args:
+            images: Images as accepted by :func:`to_rgb`.
+            color: Channel order of 3/4-channel arrays (``"bgr"`` or ``"rgb"``).
+
+        Returns:
+            float32 array (N, 3, size, size).
+
+        Raises:
+            InputError: An empty batch or an unusable image (the message names its index).
+        """
+        if len(images) == 0:
+            raise InputError("no images given; pass at least one image.")
+        batch = np.empty((len(images), 3, self.size, self.size), np.float32)
+        for i, image in enumerate(images):
+            if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3 \
+                    and image.shape[0] > 0 and image.shape[1] > 0 and color in COLOR_ORDERS:
+                # Camera-frame fast path: resize first, reorder channels on the small image.
+                small = self.resize(image)
+                rgb = small[:, :, ::-1] if color == "bgr" else small
+            else:
+                rgb = self.resize(to_rgb(image, color, where=f"image {i}"))
+            batch[i] = (rgb.astype(np.float32) * self._scale + self._shift).transpose(2, 0, 1)
+        return batch

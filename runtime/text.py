@@ -1,0 +1,54 @@
+"""Text tokenization from a bundle's ``tokenizer.json`` with the `tokenizers` library."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from edgemm.runtime.errors import BundleError, InputError
+
+
+class TextTokenizer:
+    """Batch tokenizer producing the text graph's ``input_ids`` and ``attention_mask``.
+
+    Args:
+        path: A Hugging Face ``tokenizer.json``.
+        max_length: Longer texts are truncated to this many tokens.
+        pad_id: Padding id; batches are padded to their longest text.
+    """
+
+    def __init__(self, path: str | Path, *, max_length: int, pad_id: int):
+        from tokenizers import Tokenizer
+
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed files
+            raise BundleError(f"tokenizer '{path}' could not be loaded: {e}") from e
+        self._tok.no_padding()
+        self._tok.enable_truncation(max_length=max_length)
+        self.max_length = max_length
+        self.pad_id = pad_id
+
+    def __call__(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """Tokenize a batch.
+
+        Raises:
+            InputError: An empty batch or an item that is not a string.
+        """
+        if isinstance(texts, str):
+            raise InputError("expected a list of texts, got a single string; wrap it in a list.")
+        if len(texts) == 0:
+            raise InputError("no texts given; pass at least one text.")
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise InputError(f"text {i} is {type(t).__name__}, not a string.")
+        encodings = self._tok.encode_batch(list(texts))
+        length = max(len(e.ids) for e in encodings)
+        ids = np.full((len(texts), length), self.pad_id, np.int64)
+        mask = np.zeros((len(texts), length), np.int64)
+        for i, e in enumerate(encodings):
+            ids[i, : len(e.ids)] = e.ids
+            mask[i, : len(e.ids)] = 1
+        return {"input_ids": ids, "attention_mask": mask}

@@ -1,0 +1,1 @@
+"""edgemm: multimodal models at the edge."""
