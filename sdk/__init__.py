@@ -1,1 +1,40 @@
-"""edgemm: multimodal models at the edge."""
+"""edgemm: multimodal models at the edge.
+
+    >>> import edgemm
+    >>> model = edgemm.load()                       # the default model, built on first use
+    >>> model.classify(frame, labels=["person", "dog", "forklift"])
+    >>> index = edgemm.VectorIndex(dim=model.dim)
+"""
+
+from __future__ import annotations
+
+from edgemm._index import Hit, VectorIndex
+from edgemm._model import DualEncoder, Prediction, default_bundle_dir, load
+from edgemm.runtime.errors import (
+    BackendError,
+    BundleError,
+    EdgemmError,
+    ExportError,
+    InputError,
+    MissingDependencyError,
+    VerificationError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendError",
+    "BundleError",
+    "DualEncoder",
+    "EdgemmError",
+    "ExportError",
+    "Hit",
+    "InputError",
+    "MissingDependencyError",
+    "Prediction",
+    "VectorIndex",
+    "VerificationError",
+    "__version__",
+    "default_bundle_dir",
+    "load",
+]

@@ -1,0 +1,260 @@
+"""The ``edgemm`` command line: export, info, classify, embed, index, eval."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgemm.runtime.errors import EdgemmError, InputError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, ensure_ascii=False))
+
+
+def _load(args: argparse.Namespace):
+    from edgemm._model import load
+
+    return load(args.bundle, providers=tuple(args.providers.split(",")), threads=args.threads)
+
+
+def _image_paths(items: list[str]) -> list[Path]:
+    """Expand directories into their image files (sorted); keep files as given."""
+    paths: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
+            if not found:
+                raise InputError(f"directory '{p}' holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}).")
+            paths.extend(found)
+        elif not p.exists():
+            raise InputError(f"image file '{p}' does not exist.")
+        else:
+            paths.append(p)
+    return paths
+
+
+def _labels(args: argparse.Namespace) -> list[str] | None:
+    if args.labels_file:
+        path = Path(args.labels_file)
+        if not path.is_file():
+            raise InputError(f"labels file '{path}' does not exist.")
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return args.labels
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    if args.model != "default":
+        raise InputError(f"unknown model {args.model!r}; this version exports 'default'.")
+    from tqdm import tqdm
+
+    from edgemm.export.models.dual_encoder import build_default_bundle
+
+    steps = tqdm(total=6, desc="export default", unit="step", disable=args.quiet)
+
+    def progress(message: str) -> None:
+        steps.set_postfix_str(message)
+        steps.update(1)
+
+    manifest = build_default_bundle(args.output, overwrite=args.force, progress=progress)
+    steps.close()
+    for role, report in manifest.verification.items():
+        diffs = ", ".join(f"{k} {v:.1e}" for k, v in report["max_abs_diff"].items())
+        print(f"verified {role}: max abs diff {diffs} (tolerance {report['tolerance']:g}) on {report['inputs']}")
+    print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from edgemm.runtime.bundle import Bundle
+
+    m = Bundle(args.bundle_path, check_hashes=not args.no_verify).manifest
+    if args.json:
+        _print_json(m.to_dict())
+        return 0
+    print(f"{args.bundle_path}: {m.name} ({m.family}), schema {m.schema_version}, {m.precision}, dim {m.embedding_dim}")
+    for role, g in m.graphs.items():
+        ins = ", ".join(f"{t.name}{t.shape}:{t.dtype}" for t in g.inputs)
+        outs = ", ".join(f"{t.name}{t.shape}:{t.dtype}" for t in g.outputs)
+        print(f"  {role}: {g.file}  in: {ins}  out: {outs}")
+        if role in m.verification:
+            v = m.verification[role]
+            print(f"    verified: max abs diff {v['max_abs_diff']} (tol {v['tolerance']}) on {v['inputs']}")
+    if m.image:
+        print(f"  image: {m.image.size}px, crop {m.image.crop_fraction}, mean {m.image.mean}, std {m.image.std}, {m.image.color}")
+    if m.text:
+        print(f"  text: {m.text.tokenizer}, max {m.text.max_length} tokens")
+    print(f"  scoring: {m.scoring.kind}; files: {len(m.files)} (sha256 checked: {not args.no_verify})")
+    print(f"  made with: {', '.join(f'{k} {v}' for k, v in m.tools.items())}; created {m.created}")
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    model = _load(args)
+    paths = _image_paths(args.images)
+    results = model.classify([str(p) for p in paths], labels=_labels(args), top_k=args.top_k)
+    if args.json:
+        _print_json([{"image": str(p), "predictions": [{"label": r.label, "score": r.score} for r in preds]}
+                     for p, preds in zip(paths, results)])
+        return 0
+    for p, preds in zip(paths, results):
+        print(f"{p}: " + ", ".join(f"{r.label} {r.score:.3f}" for r in preds))
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    model = _load(args)
+    if bool(args.images) == bool(args.texts):
+        raise InputError("give either --images or --texts (one of them).")
+    if args.images:
+        vectors = model.embed_images([str(p) for p in _image_paths(args.images)], batch_size=args.batch_size)
+    else:
+        vectors = model.embed_texts(args.texts, batch_size=args.batch_size)
+    if args.output:
+        np.save(args.output, vectors)
+        print(f"wrote {vectors.shape[0]}x{vectors.shape[1]} embeddings to {args.output}")
+    else:
+        _print_json(vectors.round(6).tolist())
+    return 0
+
+
+def cmd_index_add(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from edgemm._index import VectorIndex
+
+    model = _load(args)
+    path = Path(args.index)
+    index = VectorIndex.load(path) if path.exists() else VectorIndex(model.dim)
+    if index.dim != model.dim:
+        raise InputError(f"index '{path}' holds {index.dim}-d vectors but the model embeds {model.dim}-d.")
+    paths = [p for p in _image_paths(args.images) if str(p.absolute()) not in index]
+    for start in tqdm(range(0, len(paths), args.batch_size), desc="embedding", unit="batch", disable=args.quiet):
+        chunk = paths[start : start + args.batch_size]
+        vectors = model.embed_images([str(p) for p in chunk], batch_size=args.batch_size)
+        index.add(vectors, ids=[str(p.absolute()) for p in chunk], metadata=[{"path": str(p)} for p in chunk])
+    index.save(path)
+    print(f"added {len(paths)} images; {path} now holds {len(index)}")
+    return 0
+
+
+def cmd_index_search(args: argparse.Namespace) -> int:
+    from edgemm._index import VectorIndex
+
+    if bool(args.text) == bool(args.image):
+        raise InputError("give either --text or --image (one of them).")
+    index = VectorIndex.load(args.index)
+    model = _load(args)
+    query = model.embed_texts([args.text]) if args.text else model.embed_images([args.image])
+    hits = index.search(query, k=args.k)[0]
+    if args.json:
+        _print_json([{"id": h.id, "score": h.score, "metadata": h.metadata} for h in hits])
+        return 0
+    for h in hits:
+        print(f"{h.score:.4f}  {h.id}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from edgemm._eval import eval_fashion_mnist, eval_sample_photos
+
+    model = _load(args)
+    photos = eval_sample_photos(model)
+    fmnist = eval_fashion_mnist(model, limit=args.limit, progress=not args.quiet)
+    if args.json:
+        _print_json({"bundle": str(model.bundle.path), "fashion_mnist": fmnist, "sample_photos": photos})
+        return 0
+    print(f"Fashion-MNIST zero-shot top-1: {fmnist['top1']:.1%} on {fmnist['images']} test images (chance 10%)")
+    print(f"Sample photos: {photos['objects_correct']}/{photos['objects']} object photos correct, "
+          f"{photos['top1']:.0%} of all {len(photos['photos'])}")
+    for r in photos["photos"]:
+        mark = "ok " if r["correct"] else "MISS"
+        print(f"  {mark} {r['photo']:<28} {r['subject']:<14} -> {r['predicted']} ({r['score']:.2f})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgemm", description="Multimodal models at the edge.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def runtime_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--bundle", default=None, help="bundle directory (default: the default model, built on first use)")
+        p.add_argument("--providers", default="cpu", help="ONNX Runtime providers, comma-separated: cpu, cuda, tensorrt")
+        p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
+        p.add_argument("--json", action="store_true", help="print JSON")
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("export", help="build, export and verify a bundle")
+    p.add_argument("model", help="'default': the packaged EfficientNet-Lite0 + MiniLM dual encoder")
+    p.add_argument("-o", "--output", required=True, help="bundle directory to create")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("info", help="show a bundle's manifest (and check its files)")
+    p.add_argument("bundle_path")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the files")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("classify", help="zero-shot classify images")
+    p.add_argument("images", nargs="+", help="image files or directories")
+    p.add_argument("--labels", nargs="+", help="candidate labels (default: the bundle's labels)")
+    p.add_argument("--labels-file", help="a text file with one label per line")
+    p.add_argument("-k", "--top-k", type=int, default=3)
+    runtime_options(p)
+    p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("embed", help="embed images or texts")
+    p.add_argument("--images", nargs="+", help="image files or directories")
+    p.add_argument("--texts", nargs="+", help="texts")
+    p.add_argument("-o", "--output", help="write a .npy file (default: print JSON)")
+    p.add_argument("--batch-size", type=int, default=32)
+    runtime_options(p)
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("index", help="a vector index file of image embeddings")
+    isub = p.add_subparsers(dest="index_command", required=True)
+    q = isub.add_parser("add", help="embed images and add them (creates the index if needed)")
+    q.add_argument("index", help="index file")
+    q.add_argument("images", nargs="+", help="image files or directories")
+    q.add_argument("--batch-size", type=int, default=32)
+    runtime_options(q)
+    q.set_defaults(func=cmd_index_add)
+    q = isub.add_parser("search", help="search the index with a text or an image")
+    q.add_argument("index", help="index file")
+    q.add_argument("--text", help="query text")
+    q.add_argument("--image", help="query image file")
+    q.add_argument("-k", type=int, default=5)
+    runtime_options(q)
+    q.set_defaults(func=cmd_index_search)
+
+    p = sub.add_parser("eval", help="zero-shot accuracy on Fashion-MNIST and the sample photos")
+    p.add_argument("--limit", type=int, default=None, help="only the first N Fashion-MNIST test images")
+    runtime_options(p)
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except EdgemmError as e:
+        print(f"edgemm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("edgemm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

