@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from _common import (
+    CLASSIFY_LABELS,
     DEFAULT_BUNDLE,
     Sample,
     device_info,
@@ -48,7 +49,7 @@ from _common import (
     write_json,
 )
 
-LABELS = ("cat", "dog", "person", "car", "forklift", "cup of coffee", "rocket", "flower", "building", "clock")
+LABELS = CLASSIFY_LABELS
 TARGET_P50_MS = 15.0  # from the issue
 TARGET_SPEEDUP = 3.0  # from the issue
 
@@ -62,10 +63,10 @@ class TorchClassifier:
         from edgemm.export.models.dual_encoder import default_towers
 
         self.torch = torch
-        self.tower, text_embedder, _ = default_towers()
+        self.tower, self.text_embedder, _ = default_towers()
         self.labels = tuple(labels)
         with torch.inference_mode():
-            text = text_embedder([prompt.format(label) for label in self.labels])  # (L, dim), unit rows
+            text = self.text_embedder([prompt.format(label) for label in self.labels])  # (L, dim), unit rows
             sim = self.tower.class_embeddings @ text.T / tau  # (classes, L)
             self.weights = torch.softmax(sim, dim=0)
 
