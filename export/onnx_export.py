@@ -99,7 +99,7 @@ def verify_onnx(
         "max_abs_diff": worst,
         "min_cosine": cos,
         "tolerance": atol,
-        "inputs": f"{count} {description}",
+        "inputs": f"{count} input rows of {description}",
         "passed": all(v <= atol for v in worst.values()),
     }
     if not report["passed"]:

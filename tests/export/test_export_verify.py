@@ -49,9 +49,9 @@ def test_export_has_named_io_and_dynamic_batch(tmp_path):
     rng = np.random.default_rng(0)
     report = verify_onnx(tiny_module(), TINY, path, [{"x": rng.standard_normal((1, 8), np.float32)},
                                                       {"x": rng.standard_normal((5, 8), np.float32)}],
-                         description="random rows")
+                         description="random data")
     assert report["passed"] and report["max_abs_diff"]["y"] < 1e-5
-    assert report["inputs"] == "6 random rows"
+    assert report["inputs"] == "6 input rows of random data"
 
 
 def test_drifting_export_fails_verification(tmp_path):
