@@ -107,7 +107,7 @@ def print_device(info: Mapping[str, Any]) -> None:
 def percentiles(samples: Sequence[float], qs: Sequence[int] = (50, 90, 99)) -> dict[str, float]:
     """``{"p50": ..., ...}`` of the samples (linear interpolation)."""
     values = np.percentile(np.asarray(samples, np.float64), qs)
-    return {f"p{q}": float(v) for q, v in zip(qs, values)}
+    return {f"p{q}": float(v) for q, v in zip(qs, values, strict=True)}
 
 
 Sample = dict[str, float]  # stage name → milliseconds; "total" is always present

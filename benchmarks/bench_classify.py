@@ -32,9 +32,15 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import cv2
 import numpy as np
+import torch
 
-from _common import (
+import edgemm
+from edgemm.export.models.dual_encoder import default_towers, reference_pixels
+from edgemm.runtime.datasets import sample_photos
+
+from _common import (  # shared helpers beside this script
     CLASSIFY_LABELS,
     DEFAULT_BUNDLE,
     Sample,
@@ -58,11 +64,6 @@ class TorchClassifier:
     """The same classify pipeline in PyTorch eager, label weights cached like the SDK's."""
 
     def __init__(self, labels: Sequence[str], tau: float, prompt: str = "{}"):
-        import torch
-
-        from edgemm.export.models.dual_encoder import default_towers
-
-        self.torch = torch
         self.tower, self.text_embedder, _ = default_towers()
         self.labels = tuple(labels)
         with torch.inference_mode():
@@ -72,11 +73,6 @@ class TorchClassifier:
 
     def __call__(self, frame_bgr: np.ndarray, top_k: int = 5) -> tuple[list[tuple[str, float]], np.ndarray, Sample]:
         """Classify one BGR frame: (top-k (label, score), all probabilities, stage timings)."""
-        import cv2
-
-        from edgemm.export.models.dual_encoder import reference_pixels
-
-        torch = self.torch
         t0 = time.perf_counter()
         pixels = reference_pixels([cv2.cvtColor(frame_bgr, cv2.COLOR_BGR2RGB)])
         t1 = time.perf_counter()
@@ -86,12 +82,11 @@ class TorchClassifier:
             mass = class_probs @ self.weights
             probs = mass / mass.sum(dim=1, keepdim=True).clamp_min(1e-30)
             top = torch.topk(probs[0], min(top_k, len(self.labels)))
-            preds = [(self.labels[j], float(s)) for s, j in zip(top.values.tolist(), top.indices.tolist())]
+            preds = [(self.labels[j], float(s)) for s, j in zip(top.values.tolist(), top.indices.tolist(), strict=True)]
         t3 = time.perf_counter()
         timings = {"total": (t3 - t0) * 1e3, "preprocess": (t1 - t0) * 1e3,
                    "inference": (t2 - t1) * 1e3, "postprocess": (t3 - t2) * 1e3}
         return preds, probs[0].numpy(), timings
-
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,11 +99,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=10, help="untimed calls per side first")
     parser.add_argument("--json", dest="json_path", help="also write the results here")
     args = parser.parse_args(argv)
-
-    import torch
-
-    import edgemm
-    from edgemm.runtime.datasets import sample_photos
 
     torch.set_num_threads(args.threads)
     info = device_info(args.threads)
@@ -166,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---:|---:|---:|")
     print(f"| edgemm (ONNX Runtime) | {e['p50']:.2f} | {e['p90']:.2f} | {e['p99']:.2f} |")
     print(f"| PyTorch eager reference | {t['p50']:.2f} | {t['p90']:.2f} | {t['p99']:.2f} |")
-    print(f"| **speed-up (torch / edgemm)** | **{speedup['p50']:.2f}x** | {speedup['p90']:.2f}x | {speedup['p99']:.2f}x |")
+    print(f"| **speed-up (torch / edgemm)** | **{speedup['p50']:.2f}x** | {speedup['p90']:.2f}x "
+          f"| {speedup['p99']:.2f}x |")
     print(f"\nper-round speed-up (median of each block): p10 {spread['p10']:.2f}x, p50 {spread['p50']:.2f}x, "
           f"p90 {spread['p90']:.2f}x over {len(round_ratios)} rounds\n")
     print("| stage (p50 ms) | edgemm | PyTorch | ratio |")

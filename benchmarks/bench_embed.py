@@ -17,7 +17,7 @@ image cosine < 0.9: the image sides use different resizers).
 
 Usage:
     python benchmarks/bench_embed.py [--bundle /tmp/b/default] [--threads 2]
-                                     [--texts 512] [--rounds 6] [--json out.json]
+                                     [--texts 512] [--rounds 8] [--json out.json]
 """
 
 from __future__ import annotations
@@ -26,12 +26,18 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import cv2
 import numpy as np
+import torch
 
-from _common import (
+import edgemm
+from edgemm.export.models.dual_encoder import default_towers, reference_pixels
+from edgemm.runtime.datasets import SAMPLE_SENTENCES, sample_photos
+
+from _common import (  # shared helpers beside this script
     DEFAULT_BUNDLE,
     Sample,
     device_info,
@@ -57,8 +63,8 @@ MIN_IMAGE_COSINE = 0.9
 
 def text_corpus(sentences: Sequence[str], class_names: Sequence[str], n: int) -> list[str]:
     """``n`` real texts: sample sentences and class names alternating, names spread over all classes."""
-    stride = max(1, len(class_names) // max(1, n // 2))
-    names = [class_names[(i * stride) % len(class_names)] for i in range(n // 2 + 1)]
+    k = n // 2 + 1
+    names = [class_names[(i * len(class_names)) // k] for i in range(k)]
     return [sentences[(i // 2) % len(sentences)] if i % 2 == 0 else names[i // 2] for i in range(n)]
 
 
@@ -80,18 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundle", default=DEFAULT_BUNDLE, help="edgemm bundle directory")
     parser.add_argument("--threads", type=int, default=2, help="threads for ONNX Runtime, torch and native pools")
     parser.add_argument("--texts", type=int, default=512, help="texts per embed_texts call (batches of 64)")
-    parser.add_argument("--rounds", type=int, default=6, help="alternating rounds per modality")
+    parser.add_argument("--rounds", type=int, default=8, help="alternating rounds per modality")
     parser.add_argument("--block", type=int, default=1, help="calls per side per round")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls per side first")
     parser.add_argument("--json", dest="json_path", help="also write the results here")
     args = parser.parse_args(argv)
-
-    import cv2
-    import torch
-
-    import edgemm
-    from edgemm.export.models.dual_encoder import default_towers, reference_pixels
-    from edgemm.runtime.datasets import SAMPLE_SENTENCES, sample_photos
 
     torch.set_num_threads(args.threads)
     info = device_info(args.threads)
@@ -127,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             for idx in batches:
                 feeds = text_embedder.feeds([texts[i] for i in idx])
                 t1 = time.perf_counter()
-                emb = text_embedder.tower(torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"]))
+                ids, mask = torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"])
+                emb = text_embedder.tower(ids, mask)
                 inference += time.perf_counter() - t1
                 out[idx] = emb.numpy()
         return out, {"total": (time.perf_counter() - t0) * 1e3, "inference": inference * 1e3}
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     agreement = {"image_min_cosine": float(image_cos.min()), "image_mean_cosine": float(image_cos.mean()),
                  "text_min_cosine": float(text_cos.min()), "text_mean_cosine": float(text_cos.mean())}
 
-    def only_timings(fn):
+    def only_timings(fn: Callable[[], tuple[np.ndarray, Sample]]) -> Callable[[], Sample]:
         return lambda: fn()[1]
 
     image_samples, image_rounds = interleaved_rounds(
@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
           f"length-sorted batches of {TEXT_BATCH} on both sides")
     print(f"timing: {args.warmup} warm-up call(s) per side, then {args.rounds} rounds x {args.block} call(s) per side, "
           f"alternating order; medians; load avg at end={info['loadavg_1m_end']}\n")
-    print("| workload | edgemm /s | PyTorch /s | speed-up | edgemm graph-only /s | PyTorch graph-only /s | graph speed-up |")
+    print("| workload | edgemm /s | PyTorch /s | speed-up | edgemm graph-only /s | PyTorch graph-only /s "
+          "| graph speed-up |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         e, t = r["edgemm"], r["torch"]

@@ -150,9 +150,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import numpy as np
 
-    from _common import CLASSIFY_LABELS, device_info, frame_from_photo, print_device, target_line, write_json
     from edgemm.runtime.bundle import Bundle
     from edgemm.runtime.datasets import sample_photos
+
+    from _common import CLASSIFY_LABELS, device_info, frame_from_photo, print_device, target_line, write_json
 
     info = device_info(args.threads)
     tau = Bundle(args.bundle).manifest.scoring.tau
@@ -200,13 +201,10 @@ def main(argv: list[str] | None = None) -> int:
              "torch": "PyTorch reference model"}
     for kind in KINDS:
         row = rows[kind]
-        st = row["stages_peak_mib"]
-
-        def cell(name: str) -> str:
-            return f"{st[name]:.0f}" if st.get(name) is not None else "-"
-
-        print(f"| {names[kind]} | {row['peak_mib']:.0f} | {row['peak_mib'] - base:.0f} | {cell('import')} | "
-              f"{cell('load')} | {cell('classify')} | {row['rss_end_mib']:.0f} | "
+        cells = {name: f"{v:.0f}" if (v := row["stages_peak_mib"].get(name)) is not None else "-"
+                 for name in STAGES}
+        print(f"| {names[kind]} | {row['peak_mib']:.0f} | {row['peak_mib'] - base:.0f} | {cells['import']} | "
+              f"{cells['load']} | {cells['classify']} | {row['rss_end_mib']:.0f} | "
               f"{'yes' if row['torch_imported'] else 'no'} | {row['seconds_to_done']:.1f} |")
     e, t = rows["edgemm"]["peak_mib"], rows["torch"]["peak_mib"]
     print(f"\nPyTorch / edgemm peak RSS: {t / e:.2f}x; above the numpy baseline: {(t - base) / (e - base):.2f}x")
