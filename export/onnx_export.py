@@ -41,7 +41,29 @@ def export_onnx(module: torch.nn.Module, spec: ExportSpec, path: str | Path) -> 
             )
     except Exception as e:
         raise ExportError(f"exporting '{spec.role}' to ONNX failed: {type(e).__name__}: {e}") from e
+    _trim_empty_pad_inputs(path)
     return path
+
+
+def _trim_empty_pad_inputs(path: Path) -> None:
+    """Drop the empty optional inputs the TorchScript exporter gives Pad nodes.
+
+    ONNX Runtime folds a Pad into the following Conv only when every Pad input
+    is a constant; an empty ``""`` input counts as non-constant, so the 17 SAME
+    pads of EfficientNet-Lite stayed separate ops (24% of the graph's time).
+    Outputs are unchanged; verification runs on the trimmed file.
+    """
+    import onnx
+
+    model = onnx.load(str(path))
+    changed = False
+    for node in model.graph.node:
+        if node.op_type == "Pad":
+            while node.input and node.input[-1] == "":
+                node.input.pop()
+                changed = True
+    if changed:
+        onnx.save(model, str(path))
 
 
 def _cosine_min(a: np.ndarray, b: np.ndarray) -> float:

@@ -102,3 +102,13 @@ def test_default_bundle_manifest_records_verification(default_bundle):
         assert v["passed"] and max(v["max_abs_diff"].values()) <= v["tolerance"] <= 1e-4
     assert m.embedding_dim == 384 and m.precision == "fp32"
     assert {"torch", "onnxruntime", "onnx"} <= set(m.tools)
+
+
+def test_pads_fold_into_convs_in_the_optimised_image_graph(default_bundle, tmp_path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    ort.InferenceSession(str(default_bundle / "image_encoder.onnx"), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(tmp_path / "optimised.onnx").graph.node]
+    assert "Pad" not in ops
