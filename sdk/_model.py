@@ -102,11 +102,7 @@ class DualEncoder:
             raise InputError("no images given; pass at least one image.")
         parts: dict[str, list[np.ndarray]] = {}
         for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
-            try:
-                pixels = self.preprocess(chunk, color=color)
-            except InputError as e:
-                raise InputError(f"{e} (batch starting at image {start})") from None if start else e
+            pixels = self.preprocess(images[start : start + batch_size], color=color, first_index=start)
             for name, value in self.image_backend.infer({"pixels": pixels}).items():
                 parts.setdefault(name, []).append(value)
         return {name: np.concatenate(v) for name, v in parts.items()}

@@ -98,6 +98,7 @@ def test_text_to_image_search_finds_the_right_photo(model, photos):
     (lambda m, f: m.classify(np.zeros((4, 4, 5), np.uint8), labels=["cat"]), "expected shape"),
     (lambda m, f: m.classify([f, np.zeros((0, 0, 3), np.uint8)], labels=["cat"]), "image 1.*empty"),
     (lambda m, f: m.classify(f.astype(np.float32), labels=["cat"]), "dtype uint8"),
+    (lambda m, f: m.embed_images([f, f, np.zeros((3, 3, 5), np.uint8)], batch_size=2), "image 2: expected shape"),
     (lambda m, f: m.embed_images([]), "no images"),
     (lambda m, f: m.embed_images(f), "takes a list of images"),
     (lambda m, f: m.embed_texts([]), "no texts"),
