@@ -102,17 +102,24 @@ class ImagePreprocessor:
     def __init__(self, spec: ImagePreprocess):
         if spec.color != "RGB":
             raise InputError(f"unsupported graph colour order {spec.color!r}; this runtime feeds RGB.")
+        if spec.resize not in ("crop", "squash"):
+            raise InputError(f"unsupported resize mode {spec.resize!r}; this runtime knows 'crop' and 'squash'.")
         self.spec = spec
         self.size = int(spec.size)
+        self.squash = spec.resize == "squash"
         # Folded so one multiply-add per pixel does (x - mean) / std.
         self._scale = (1.0 / np.asarray(spec.std, np.float32)).reshape(1, 1, 3)
         self._shift = (-np.asarray(spec.mean, np.float32) / np.asarray(spec.std, np.float32)).reshape(1, 1, 3)
 
     def resize(self, image: np.ndarray) -> np.ndarray:
-        """Centre-crop and resize an (H, W, C) uint8 array to (size, size, C), keeping channel order."""
+        """Centre-crop (or squash) and resize an (H, W, C) uint8 array to (size, size, C), keeping channel order."""
+        size = self.size
+        if self.squash:
+            h, w = image.shape[:2]
+            shrink = h > size and w > size
+            return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
         top, left, side = center_crop_box(image.shape[0], image.shape[1], self.spec.crop_fraction)
         crop = image[top : top + side, left : left + side]
-        size = self.size
         if side > 2 * size:
             crop = cv2.resize(crop, (2 * size, 2 * size), interpolation=cv2.INTER_LINEAR)
             return cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)

@@ -13,7 +13,8 @@ from typing import Any
 
 from edgemm.runtime.errors import BundleError
 
-SCHEMA_VERSION = 1  # the newest manifest schema this runtime understands
+SCHEMA_VERSION = 2  # the newest manifest schema this runtime understands
+# 2: image.resize, text.padding, scoring "sigmoid" with logit_bias, precision "int8"/"fp16" bundles
 MANIFEST_NAME = "manifest.json"
 
 
@@ -39,6 +40,7 @@ class ImagePreprocess:
     std: list[float]  # per channel, divides after the mean
     color: str = "RGB"  # channel order the graph expects
     interpolation: str = "bilinear-antialias"  # resampling the reference pipeline uses
+    resize: str = "crop"  # "crop": centre square, then resize; "squash": the whole image resized to a square
 
 
 @dataclass(frozen=True)
@@ -46,14 +48,17 @@ class TextPreprocess:
     tokenizer: str  # tokenizer.json (Hugging Face `tokenizers` format), relative to the bundle
     max_length: int  # longer texts are truncated to this many tokens
     pad_id: int  # id used for padding; the attention mask marks real tokens
+    padding: str = "longest"  # "longest": pad a batch to its longest text; "max_length": always to max_length
 
 
 @dataclass(frozen=True)
 class Scoring:
     """How classify() turns image outputs and label texts into label scores."""
 
-    kind: str  # "cosine": softmax(logit_scale * cos); "class_space": label weights over a fixed class set
-    logit_scale: float = 100.0  # for "cosine"
+    kind: str  # "cosine": softmax(logit_scale * cos); "sigmoid": sigmoid(logit_scale * cos + logit_bias);
+    #            "class_space": label weights over a fixed class set
+    logit_scale: float = 100.0  # for "cosine" and "sigmoid"
+    logit_bias: float = 0.0  # for "sigmoid"
     class_embeddings: str | None = None  # for "class_space": .npy (classes, dim) of unit vectors
     class_output: str | None = None  # for "class_space": image-graph output with class probabilities
     tau: float = 0.05  # for "class_space": temperature of the label → class softmax

@@ -16,10 +16,14 @@ class TextTokenizer:
     Args:
         path: A Hugging Face ``tokenizer.json``.
         max_length: Longer texts are truncated to this many tokens.
-        pad_id: Padding id; batches are padded to their longest text.
+        pad_id: Padding id.
+        padding: ``"longest"`` pads a batch to its longest text; ``"max_length"``
+            always to ``max_length`` (models trained on fixed-length text, e.g. SigLIP).
     """
 
-    def __init__(self, path: str | Path, *, max_length: int, pad_id: int):
+    def __init__(self, path: str | Path, *, max_length: int, pad_id: int, padding: str = "longest"):
+        if padding not in ("longest", "max_length"):
+            raise BundleError(f"unknown text padding {padding!r}; this runtime knows 'longest' and 'max_length'.")
         from tokenizers import Tokenizer
 
         try:
@@ -30,6 +34,7 @@ class TextTokenizer:
         self._tok.enable_truncation(max_length=max_length)
         self.max_length = max_length
         self.pad_id = pad_id
+        self.padding = padding
 
     def __call__(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """Tokenize a batch.
@@ -45,7 +50,7 @@ class TextTokenizer:
             if not isinstance(t, str):
                 raise InputError(f"text {i} is {type(t).__name__}, not a string.")
         encodings = self._tok.encode_batch(list(texts))
-        length = max(len(e.ids) for e in encodings)
+        length = self.max_length if self.padding == "max_length" else max(len(e.ids) for e in encodings)
         ids = np.full((len(texts), length), self.pad_id, np.int64)
         mask = np.zeros((len(texts), length), np.int64)
         for i, e in enumerate(encodings):

@@ -52,23 +52,39 @@ def _labels(args: argparse.Namespace) -> list[str] | None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    if args.model != "default":
-        raise InputError(f"unknown model {args.model!r}; this version exports 'default'.")
+    if args.model not in ("default", "clip"):
+        raise InputError(f"unknown model {args.model!r}; export 'default' or 'clip --from FOLDER'.")
+    if (args.model == "clip") != (args.source is not None):
+        raise InputError("'edgemm export clip' needs --from FOLDER (a local Hugging Face CLIP/SigLIP folder); "
+                         "'edgemm export default' takes none.")
     from tqdm import tqdm
 
-    from edgemm.export.models.dual_encoder import build_default_bundle
-
-    steps = tqdm(total=6, desc="export default", unit="step", disable=args.quiet)
+    steps = tqdm(total=6, desc=f"export {args.model}", unit="step", disable=args.quiet)
 
     def progress(message: str) -> None:
         steps.set_postfix_str(message)
         steps.update(1)
 
-    manifest = build_default_bundle(args.output, overwrite=args.force, progress=progress)
+    if args.model == "default":
+        from edgemm.export.models.dual_encoder import build_default_bundle
+
+        manifest = build_default_bundle(args.output, overwrite=args.force, progress=progress)
+    else:
+        from edgemm.export.models.clip import build_clip_bundle
+
+        manifest = build_clip_bundle(args.source, args.output, name=args.name, overwrite=args.force, progress=progress)
     steps.close()
     for role, report in manifest.verification.items():
-        diffs = ", ".join(f"{k} {v:.1e}" for k, v in report["max_abs_diff"].items())
-        print(f"verified {role}: max abs diff {diffs} (tolerance {report['tolerance']:g}) on {report['inputs']}")
+        if "max_abs_diff" in report:
+            diffs = ", ".join(f"{k} {v:.1e}" for k, v in report["max_abs_diff"].items())
+            print(f"verified {role}: max abs diff {diffs} (tolerance {report['tolerance']:g}) on {report['inputs']}")
+    checks = manifest.verification
+    if "tokenizer" in checks:
+        print(f"verified tokenizer: identical ids to the folder's tokenizer on {checks['tokenizer']['texts']} texts")
+    if "preprocessing" in checks:
+        pre = checks["preprocessing"]
+        print(f"preprocessing vs the folder's image processor: embedding cosine mean "
+              f"{pre['embedding_cosine_mean']:.4f}, min {pre['embedding_cosine_min']:.4f} on {pre['images']} photos")
     print(f"wrote {args.output}")
     return 0
 
@@ -193,7 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser("export", help="build, export and verify a bundle")
-    p.add_argument("model", help="'default': the packaged EfficientNet-Lite0 + MiniLM dual encoder")
+    p.add_argument("model", choices=("default", "clip"),
+                   help="'default': the packaged EfficientNet-Lite0 + MiniLM dual encoder; "
+                        "'clip': a local Hugging Face CLIPModel or SiglipModel folder given with --from")
+    p.add_argument("--from", dest="source", help="checkpoint folder (config.json, weights, tokenizer, preprocessor config)")
+    p.add_argument("--name", help="bundle name (default: the folder's name)")
     p.add_argument("-o", "--output", required=True, help="bundle directory to create")
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
     p.add_argument("-q", "--quiet", action="store_true")

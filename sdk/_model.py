@@ -18,6 +18,7 @@ from edgemm.runtime.image import ImagePreprocessor
 from edgemm.runtime.text import TextTokenizer
 
 _LABEL_CACHE_SIZE = 32  # label sets kept; a camera app typically cycles through a few
+SCORING_KINDS = ("cosine", "sigmoid", "class_space")
 
 
 @dataclass(frozen=True)
@@ -81,13 +82,15 @@ class DualEncoder:
         self.image_backend = open_backend(bundle.graph_path("image_encoder"), backend, **options)
         self.text_backend = open_backend(bundle.graph_path("text_encoder"), backend, **options)
         self.preprocess = ImagePreprocessor(m.image)
-        self.tokenizer = TextTokenizer(bundle.file(m.text.tokenizer), max_length=m.text.max_length, pad_id=m.text.pad_id)
+        self.tokenizer = TextTokenizer(bundle.file(m.text.tokenizer), max_length=m.text.max_length,
+                                       pad_id=m.text.pad_id, padding=m.text.padding)
+        self._text_inputs = [t.name for t in self.text_backend.inputs]
         self.default_labels: tuple[str, ...] = tuple(bundle.read_json(m.labels.file)) if m.labels else ()
         self.prompt = m.labels.prompt if m.labels else "{}"
         self._class_embeddings = (
             bundle.read_array(m.scoring.class_embeddings) if m.scoring.kind == "class_space" else None
         )
-        if m.scoring.kind not in ("cosine", "class_space"):
+        if m.scoring.kind not in SCORING_KINDS:
             raise BundleError(f"bundle '{bundle.path}': unknown scoring kind {m.scoring.kind!r}; upgrade edgemm.")
         self._label_cache: OrderedDict[tuple[str, ...], np.ndarray] = OrderedDict()
 
@@ -147,6 +150,7 @@ class DualEncoder:
         for start in range(0, len(texts), batch_size):
             idx = order[start : start + batch_size]
             feeds = self.tokenizer([texts[i] for i in idx])
+            feeds = {name: feeds[name] for name in self._text_inputs}  # e.g. SigLIP takes no attention mask
             out[idx] = self.text_backend.infer(feeds)["embedding"]
         return out
 
@@ -178,7 +182,11 @@ class DualEncoder:
 
     def scores(self, images: Any, labels: Sequence[str] | None = None, *, color: str = "bgr",
                batch_size: int = 32) -> np.ndarray:
-        """Label probabilities (N, L) for a list of images (each row sums to 1)."""
+        """Label probabilities (N, L) for a list of images.
+
+        Rows sum to 1 (a softmax over the labels), except for ``sigmoid`` scoring
+        (SigLIP), where each label gets its own independent probability.
+        """
         labels = self.default_labels if labels is None else labels
         weights = self.label_weights(labels)
         if not _is_batch(images):
@@ -188,6 +196,8 @@ class DualEncoder:
             mass = out[self.manifest.scoring.class_output] @ weights
             return mass / np.maximum(mass.sum(axis=1, keepdims=True), 1e-30)
         logits = self.manifest.scoring.logit_scale * (out["embedding"] @ weights.T)
+        if self.manifest.scoring.kind == "sigmoid":
+            return 1.0 / (1.0 + np.exp(-(logits + self.manifest.scoring.logit_bias)))
         logits -= logits.max(axis=1, keepdims=True)
         p = np.exp(logits)
         return p / p.sum(axis=1, keepdims=True)
