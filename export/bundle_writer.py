@@ -68,16 +68,7 @@ class BundleWriter:
         path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         return path
 
-    def commit(self, **fields: Any) -> Manifest:
-        """Hash every staged file, write the manifest, and move the bundle into place.
-
-        Args:
-            **fields: Manifest fields other than ``schema_version``, ``files``,
-                ``tools`` and ``created``, which are filled in here.
-
-        Returns:
-            The manifest as written.
-        """
+    def _write_manifest(self, fields: dict[str, Any]) -> Manifest:
         files = {
             p.relative_to(self.staging).as_posix(): sha256_file(p)
             for p in sorted(self.staging.rglob("*"))
@@ -92,6 +83,28 @@ class BundleWriter:
         }
         manifest = Manifest.from_dict(json.loads(json.dumps(data)), where="new manifest")
         self.write_json(MANIFEST_NAME, manifest.to_dict())
+        return manifest
+
+    def stage(self, **fields: Any) -> Path:
+        """Write a provisional manifest so the staged bundle can be opened and measured before it is published.
+
+        Returns:
+            The staging directory (a loadable bundle until the next change).
+        """
+        self._write_manifest(fields)
+        return self.staging
+
+    def commit(self, **fields: Any) -> Manifest:
+        """Hash every staged file, write the manifest, and move the bundle into place.
+
+        Args:
+            **fields: Manifest fields other than ``schema_version``, ``files``,
+                ``tools`` and ``created``, which are filled in here.
+
+        Returns:
+            The manifest as written.
+        """
+        manifest = self._write_manifest(fields)
         old = None
         if self.out_dir.exists():
             old = self.out_dir.parent / f".{self.out_dir.name}.old-{uuid.uuid4().hex[:8]}"

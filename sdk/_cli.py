@@ -1,4 +1,4 @@
-"""The ``edgemm`` command line: export, info, classify, embed, index, eval."""
+"""The ``edgemm`` command line: export, quantize, bench, info, classify, embed, index, eval."""
 
 from __future__ import annotations
 
@@ -86,6 +86,66 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"preprocessing vs the folder's image processor: embedding cosine mean "
               f"{pre['embedding_cosine_mean']:.4f}, min {pre['embedding_cosine_min']:.4f} on {pre['images']} photos")
     print(f"wrote {args.output}")
+    return 0
+
+
+def _calibration_paths(items: list[str] | None) -> tuple[Path | None, Path | None]:
+    images = texts = None
+    for item in items or []:
+        p = Path(item)
+        if p.is_dir():
+            if images is not None:
+                raise InputError(f"--calibration: two image folders ('{images}', '{p}'); give one.")
+            images = p
+        elif p.is_file():
+            if texts is not None:
+                raise InputError(f"--calibration: two text files ('{texts}', '{p}'); give one.")
+            texts = p
+        else:
+            raise InputError(f"--calibration: '{p}' does not exist; give a folder of images or a text file.")
+    return images, texts
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from edgemm._gate import GateThresholds, summary
+    from edgemm._quantize import quantize_bundle
+    from edgemm.export.quantize import Int8Options
+
+    images, texts = _calibration_paths(args.calibration)
+    options = Int8Options(activations=args.activations, method=args.calibrate_method,
+                          matmul_weights_only=not args.all_matmuls)
+    thresholds = GateThresholds(mean_cosine=args.min_mean_cosine, worst_cosine=args.min_worst_cosine,
+                                top1_agreement=args.min_agreement)
+    bar = tqdm(desc=f"quantize {args.precision}", unit="step", disable=args.quiet)
+
+    def progress(message: str) -> None:
+        bar.set_postfix_str(message)
+        bar.update(1)
+
+    graphs = args.graphs.split(",") if args.graphs else None
+    try:
+        manifest, info = quantize_bundle(
+            args.bundle_path, args.output, precision=args.precision, dynamic=args.dynamic, graphs=graphs,
+            calibration_images=images, calibration_texts=texts, options=options, thresholds=thresholds,
+            recover=not args.no_recover, accept_degradation=args.accept_degradation, overwrite=args.force,
+            threads=args.threads, progress=progress)
+    finally:
+        bar.close()
+    if args.json:
+        _print_json(info)
+        return 0
+    print(summary(info["gate"]))
+    for role, nodes in info["kept_in_float"].items():
+        if nodes:
+            print(f"kept in float in {role}: {len(nodes)} node(s), costliest first: {', '.join(nodes[:4])}"
+                  f"{' …' if len(nodes) > 4 else ''}")
+    if info.get("note"):
+        print(f"note: {info['note']}")
+    if info.get("accepted_degradation"):
+        print("warning: the gate failed and --accept-degradation wrote the bundle anyway (recorded in its manifest)")
+    print(f"wrote {args.output} ({manifest.precision}, {info['mode']}, {info['seconds']} s)")
     return 0
 
 
@@ -218,6 +278,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("quantize", help="convert a bundle to fp16 or int8, gated against its fp32 source")
+    p.add_argument("bundle_path", help="the fp32 bundle")
+    p.add_argument("--precision", required=True, help="fp16 (GPU targets) or int8")
+    p.add_argument("--dynamic", action="store_true", help="int8: dynamic quantization (MatMul/Gemm, no calibration)")
+    p.add_argument("--calibration", action="append", metavar="PATH",
+                   help="a folder of images and/or a text file with one text per line (repeat for both; "
+                        "default: packaged images and texts); every fifth item is held out for the gate")
+    p.add_argument("--graphs", help="comma-separated graphs to convert, e.g. text_encoder (default: all)")
+    p.add_argument("--calibrate-method", default="minmax", help="minmax, percentile or entropy")
+    p.add_argument("--activations", default="uint8", help="uint8 (x86 CPUs) or int8 (TensorRT, ARM)")
+    p.add_argument("--all-matmuls", action="store_true", help="also quantize activation x activation MatMuls")
+    p.add_argument("--min-mean-cosine", type=float, default=0.99, help="gate: mean embedding cosine per tower")
+    p.add_argument("--min-worst-cosine", type=float, default=0.97, help="gate: worst embedding cosine per tower")
+    p.add_argument("--min-agreement", type=float, default=0.98, help="gate: zero-shot top-1 agreement")
+    p.add_argument("--no-recover", action="store_true", help="on a failed gate, do not keep sensitive nodes in float")
+    p.add_argument("--accept-degradation", action="store_true", help="write the bundle even if the gate fails")
+    p.add_argument("-o", "--output", required=True, help="bundle directory to create")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads while measuring")
+    p.add_argument("--json", action="store_true", help="print the quantization report as JSON")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("info", help="show a bundle's manifest (and check its files)")
     p.add_argument("bundle_path")

