@@ -14,6 +14,7 @@ bundle for engine builders that want it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import tempfile
@@ -98,11 +99,13 @@ def prepare(src: str | Path, dst: str | Path) -> Path:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     _quiet_ort_logging()
-    dst = Path(dst)
-    try:
-        quant_pre_process(str(src), str(dst))
-    except Exception:  # symbolic shape inference gives up on some dynamic graphs; ONNX's own is enough
-        quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+    src, dst = Path(src).absolute(), Path(dst).absolute()
+    # ONNX Runtime's symbolic shape inference drops a debug file into the working directory when it gives up
+    with tempfile.TemporaryDirectory(prefix="edgemm-prepare-") as tmp, contextlib.chdir(tmp):
+        try:
+            quant_pre_process(str(src), str(dst))
+        except Exception:  # it gives up on some dynamic graphs; ONNX's own shape inference is enough
+            quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
     model = onnx.load(str(dst))
     seen: set[str] = set()
     for i, node in enumerate(model.graph.node):

@@ -63,3 +63,29 @@ def bundle_copy(default_bundle, tmp_path) -> Path:
     dst = tmp_path / "bundle"
     shutil.copytree(default_bundle, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory) -> Path:
+    """A user's CLIPModel folder: real transformers classes and CLIP tokenizer, tiny random weights."""
+    from tiny_checkpoints import make_tiny_clip
+
+    return make_tiny_clip(tmp_path_factory.mktemp("checkpoints") / "tiny-clip")
+
+
+@pytest.fixture(scope="session")
+def tiny_siglip_dir(tmp_path_factory) -> Path:
+    """A user's SiglipModel folder with a SentencePiece tokenizer (no tokenizer.json), tiny random weights."""
+    from tiny_checkpoints import make_tiny_siglip
+
+    return make_tiny_siglip(tmp_path_factory.mktemp("checkpoints") / "tiny-siglip")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_bundle(tiny_clip_dir, tmp_path_factory) -> Path:
+    """The tiny CLIP exported and verified (shared; copy it before damaging it)."""
+    from edgemm.export.models.clip import build_clip_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-clip"
+    build_clip_bundle(tiny_clip_dir, out)
+    return out

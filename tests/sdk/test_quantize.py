@@ -1,0 +1,138 @@
+"""Bundle-level quantization with the accuracy gate, on a real tiny CLIP export."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import edgemm
+from edgemm._gate import GateThresholds
+from edgemm._quantize import QuantizationGateError, quantize_bundle
+from edgemm.runtime.bundle import Bundle
+from edgemm.runtime.errors import BundleError, InputError
+
+STRICT = GateThresholds(mean_cosine=0.99999, worst_cosine=0.9999, top1_agreement=1.0)
+
+
+def _no_partial(out):
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(tiny_clip_bundle, tmp_path_factory):
+    out = tmp_path_factory.mktemp("int8") / "b"
+    manifest, info = quantize_bundle(tiny_clip_bundle, out, precision="int8", threads=1)
+    return out, manifest, info
+
+
+def test_int8_bundle_passes_the_gate_and_records_it(int8_bundle, tiny_clip_bundle):
+    out, manifest, info = int8_bundle
+    assert manifest.precision == "int8" and info["mode"] == "static"
+    gate = manifest.verification["quantization"]["gate"]
+    assert gate["passed"] and gate["image_cosine"]["mean"] >= 0.99 and gate["top1_agreement"] >= 0.98
+    assert 0.99 < gate["text_cosine"]["mean"] < 1.0  # measured, and really changed
+    assert gate["retrieval"]["pairs"] == 15 and set(gate["retrieval"]["candidate"]) == {"recall@1", "recall@5"}
+    assert manifest.verification["image_encoder"] == Bundle(tiny_clip_bundle).manifest.verification["image_encoder"]
+    assert manifest.source["quantized_from"]["path"] == str(tiny_clip_bundle)
+    assert sorted(p.name for p in (out / "calibration").iterdir()) == ["image_encoder.json", "text_encoder.json"]
+    m = edgemm.load(out, threads=1)  # hashes checked: the calibration caches are part of the bundle
+    ref = edgemm.load(tiny_clip_bundle, threads=1)
+    texts = ["a photo of a dog", "a red car parked outside"]
+    cos = (m.embed_texts(texts) * ref.embed_texts(texts)).sum(1)
+    assert cos.min() > 0.97
+
+
+def test_failed_gate_recovers_by_keeping_sensitive_nodes_float(tiny_clip_bundle, tmp_path):
+    manifest, info = quantize_bundle(tiny_clip_bundle, tmp_path / "b", precision="int8", threads=1,
+                                     thresholds=GateThresholds(mean_cosine=0.9995, worst_cosine=0.995))
+    assert not info["attempts"][0]["passed"] and info["attempts"][-1]["passed"]
+    kept = info["kept_in_float"]
+    assert any(kept.values())
+    for role, nodes in kept.items():
+        ranked = [r["node"] for r in info["sensitivity"].get(role, [])]
+        assert nodes == ranked[: len(nodes)] or len(nodes) > len(ranked)  # costliest first
+    assert info["gate"]["passed"]
+
+
+def test_unrecoverable_gate_fails_and_writes_nothing(tiny_clip_bundle, tmp_path):
+    out = tmp_path / "b"
+    with pytest.raises(QuantizationGateError, match="misses the accuracy gate") as err:
+        quantize_bundle(tiny_clip_bundle, out, precision="int8", threads=1, thresholds=STRICT, recover=False)
+    assert err.value.report["gate"]["failures"]
+    _no_partial(out)
+
+
+def test_accepted_degradation_is_written_and_marked(tiny_clip_bundle, tmp_path):
+    manifest, info = quantize_bundle(tiny_clip_bundle, tmp_path / "b", precision="int8", dynamic=True, threads=1,
+                                     thresholds=STRICT, recover=False, accept_degradation=True)
+    assert info["accepted_degradation"] and not info["gate"]["passed"] and info["mode"] == "dynamic"
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["verification"]["quantization"][
+        "accepted_degradation"]
+
+
+def test_fp16_one_graph_and_its_note(tiny_clip_bundle, tmp_path):
+    manifest, info = quantize_bundle(tiny_clip_bundle, tmp_path / "b", precision="fp16", graphs=["text_encoder"],
+                                     threads=1)
+    assert info["graphs"] == {"image_encoder": "fp32", "text_encoder": "fp16"}
+    assert "slower than fp32" in info["note"]
+    src = Bundle(tiny_clip_bundle)
+    assert (tmp_path / "b" / "image_encoder.onnx").read_bytes() == src.graph_path("image_encoder").read_bytes()
+    assert info["gate"]["text_cosine"]["worst"] > 0.999
+
+
+def test_bad_requests_are_clear_errors(tiny_clip_bundle, int8_bundle, tmp_path):
+    out = tmp_path / "b"
+    with pytest.raises(InputError, match="unknown precision 'int4'"):
+        quantize_bundle(tiny_clip_bundle, out, precision="int4")
+    with pytest.raises(InputError, match="dynamic quantization is an int8 mode"):
+        quantize_bundle(tiny_clip_bundle, out, precision="fp16", dynamic=True)
+    with pytest.raises(BundleError, match="already int8"):
+        quantize_bundle(int8_bundle[0], out, precision="int8")
+    with pytest.raises(InputError, match="not in"):
+        quantize_bundle(tiny_clip_bundle, out, precision="int8", graphs=["decoder"])
+    with pytest.raises(InputError, match="no image files"):
+        quantize_bundle(tiny_clip_bundle, out, precision="int8", calibration_images=tmp_path)
+    _no_partial(out)
+
+
+def test_corrupted_graph_is_refused(tiny_clip_bundle, tmp_path):
+    from edgemm.runtime.errors import EdgemmError
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_clip_bundle, damaged)
+    graph = damaged / "text_encoder.onnx"
+    graph.write_bytes(graph.read_bytes()[:1000])
+    with pytest.raises(EdgemmError, match="text_encoder.onnx"):  # the hash check names the file first
+        quantize_bundle(damaged, tmp_path / "out", precision="int8")
+    _no_partial(tmp_path / "out")
+
+
+def test_cli_quantize_with_user_calibration(tiny_clip_bundle, tmp_path, capsys):
+    from PIL import Image
+
+    from edgemm._cli import main
+    from edgemm.runtime.datasets import sample_photos
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i, photo in enumerate(sample_photos()[:10]):
+        Image.fromarray(photo.image).save(frames / f"{i:02d}.jpg")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"a photo of a thing number {i}" for i in range(30)))
+    out = tmp_path / "b"
+    code = main(["quantize", str(tiny_clip_bundle), "--precision", "int8", "--calibration", str(frames),
+                 "--calibration", str(corpus), "-o", str(out), "--threads", "1", "-q"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "gate: PASSED" in printed and "top-1 agreement" in printed
+    info = Bundle(out).manifest.verification["quantization"]
+    assert "8 images from" in info["calibration"]["images"] and "2 more held out" in info["calibration"]["images"]
+    assert "2 held-out user images" in info["gate"]["data"]["images"]
+    assert main(["quantize", str(tiny_clip_bundle), "--precision", "int8", "--calibration", str(frames),
+                 "--calibration", str(frames), "-o", str(tmp_path / "c")]) == 2
+    assert "two image folders" in capsys.readouterr().err
+    assert np.isfinite(info["seconds"])
