@@ -65,3 +65,16 @@ def test_truncated_onnx_file_is_refused_before_loading(bundle_copy):
     onnx_file.write_bytes(onnx_file.read_bytes()[:1000])
     with pytest.raises(BundleError, match="image_encoder.onnx' does not match"):
         Bundle(bundle_copy)
+
+
+def test_schema_1_bundles_still_open(bundle_copy):
+    """Bundles written before schema 2 lack the new fields; their defaults keep them meaning the same."""
+    def downgrade(d):
+        d["schema_version"] = 1
+        d["image"].pop("resize")
+        d["text"].pop("padding")
+        d["scoring"].pop("logit_bias")
+
+    _edit_manifest(bundle_copy, downgrade)
+    m = Bundle(bundle_copy).manifest
+    assert m.schema_version == 1 and m.image.resize == "crop" and m.text.padding == "longest"

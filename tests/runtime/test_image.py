@@ -89,3 +89,17 @@ def test_empty_batch_and_bad_color(pre):
         pre([])
     with pytest.raises(InputError, match="color must be one of"):
         pre([np.zeros((4, 4), np.uint8)], color="hsv")
+
+
+def test_squash_resizes_the_whole_frame(photos):
+    from dataclasses import replace
+
+    squash = ImagePreprocessor(replace(DEFAULT_IMAGE, resize="squash"))
+    frame = np.zeros((100, 300, 3), np.uint8)
+    frame[:, :150] = 255  # left half white: squashing keeps both halves, cropping would not
+    rgb = squash([frame], color="rgb")[0]
+    assert rgb[:, :, :100].mean() > 0.9 and rgb[:, :, -100:].mean() < -0.9
+    cropped = ImagePreprocessor(DEFAULT_IMAGE)([frame], color="rgb")[0]
+    assert abs(cropped[:, :, :100].mean() - rgb[:, :, :100].mean()) < 0.1
+    with pytest.raises(InputError, match="resize mode"):
+        ImagePreprocessor(replace(DEFAULT_IMAGE, resize="pad"))

@@ -44,3 +44,14 @@ def test_malformed_tokenizer_file(tmp_path):
     f.write_text("{}")
     with pytest.raises(BundleError, match="could not be loaded"):
         TextTokenizer(f, max_length=8, pad_id=0)
+
+
+def test_max_length_padding_gives_fixed_width():
+    from edgemm.export.models.text import minilm_dir
+
+    fixed = TextTokenizer(minilm_dir() / "tokenizer.json", max_length=24, pad_id=0, padding="max_length")
+    out = fixed(["hi", "a somewhat longer sentence than the first"])
+    assert out["input_ids"].shape == (2, 24)
+    assert out["attention_mask"][0].sum() == 3 and (out["input_ids"][0, 3:] == 0).all()
+    with pytest.raises(BundleError, match="unknown text padding"):
+        TextTokenizer(minilm_dir() / "tokenizer.json", max_length=24, pad_id=0, padding="left")
