@@ -23,7 +23,14 @@ from typing import Any
 
 import numpy as np
 
-from edgemm.runtime.datasets import FASHION_MNIST_CLASSES, SAMPLE_LABELS, SAMPLE_SENTENCES, fashion_mnist, sample_photos
+from edgemm.runtime.datasets import (
+    FASHION_MNIST_CLASSES,
+    SAMPLE_LABELS,
+    SAMPLE_SENTENCES,
+    emoji,
+    fashion_mnist,
+    sample_photos,
+)
 from edgemm.runtime.errors import InputError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -166,14 +173,23 @@ def calibration_data(image_dir: str | Path | None = None, text_path: str | Path 
     return calib, held
 
 
-def gate_data(user_held_out: DataSet | None = None, *, fashion_images: int = 200, texts: int = 256) -> DataSet:
+def _emoji() -> list[tuple[str, np.ndarray]]:
+    try:
+        return emoji()
+    except InputError:
+        return []
+
+
+def gate_data(user_held_out: DataSet | None = None, *, fashion_images: int = 200, texts: int = 256,
+              emoji_pairs: int = 100) -> DataSet:
     """The held-out set the accuracy gate measures on (never used for calibration).
 
     Images: the sample photos (ImageNet-style label set), Fashion-MNIST *test*
     images (its 10 classes) and the user's held-out images (the bundle's own
     labels). Texts: prompts and descriptions of odd-numbered ImageNet classes,
     real sentences and the user's held-out texts. Retrieval: each sample photo
-    with its subject as the caption.
+    with its subject as the caption, and odd-numbered emoji with their Unicode
+    names (when ``fonts-noto-color-emoji`` is installed).
     """
     data = DataSet()
     photos = sample_photos()
@@ -185,6 +201,10 @@ def gate_data(user_held_out: DataSet | None = None, *, fashion_images: int = 200
         start = len(data.images)
         data.images += fashion
         data.label_sets.append((list(range(start, start + len(fashion))), list(FASHION_MNIST_CLASSES), truth))
+    pairs = _emoji()[1::2][:emoji_pairs]
+    start = len(data.images)
+    data.images += [rgb for _, rgb in pairs]
+    data.retrieval += [(start + i, name) for i, (name, _) in enumerate(pairs)]
     user_images = list(user_held_out.images) if user_held_out else []
     if user_images:
         start = len(data.images)
@@ -196,10 +216,11 @@ def gate_data(user_held_out: DataSet | None = None, *, fashion_images: int = 200
     if user_held_out and user_held_out.texts:
         data.texts += list(user_held_out.texts)
     data.describe = {
-        "images": f"{len(photos)} sample photos, {len(fashion)} Fashion-MNIST test images, "
+        "images": f"{len(photos)} sample photos, {len(fashion)} Fashion-MNIST test images, {len(pairs)} emoji, "
                   f"{len(user_images)} held-out user images",
         "texts": f"{len(data.texts)} texts (sentences, odd-class prompts and descriptions"
                  f"{', held-out user texts' if user_held_out and user_held_out.texts else ''})",
-        "retrieval": f"{len(data.retrieval)} sample photos, each captioned with its label",
+        "retrieval": f"{len(photos)} sample photos captioned with their subject, {len(pairs)} emoji with their "
+                     "Unicode names",
     }
     return data

@@ -1,7 +1,9 @@
-"""Real evaluation data that installs offline: sample photos and Fashion-MNIST.
+"""Real evaluation data that installs offline: sample photos, Fashion-MNIST, emoji.
 
 Sample photos come from the scikit-image, scikit-learn and matplotlib wheels
-(the ``eval`` extra); Fashion-MNIST from Debian's ``dataset-fashion-mnist``.
+(the ``eval`` extra); Fashion-MNIST from Debian's ``dataset-fashion-mnist``;
+emoji images with their Unicode names as captions from Debian's
+``fonts-noto-color-emoji``, drawn with Pillow.
 """
 
 from __future__ import annotations
@@ -113,6 +115,41 @@ def fashion_mnist(split: str = "test", root: str | Path = FASHION_MNIST_DIR) -> 
         raise InputError(f"{labels} is not an IDX label file.")
     y = np.frombuffer(raw, np.uint8, offset=8)
     return x, y.astype(np.int64)
+
+
+EMOJI_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
+_EMOJI_RANGES = ((0x1F300, 0x1F5FF), (0x1F600, 0x1F64F), (0x1F680, 0x1F6FF), (0x1F900, 0x1F9FF), (0x1FA70, 0x1FAFF),
+                 (0x2600, 0x27BF))
+
+
+def emoji(font: str | Path = EMOJI_FONT) -> list[tuple[str, np.ndarray]]:
+    """Single-codepoint emoji drawn in colour (RGB 128x136), each with its lower-cased Unicode name.
+
+    Codepoints the font has no colour glyph for are skipped (about 1,240 remain).
+
+    Raises:
+        InputError: The font is not installed (names the package).
+    """
+    import unicodedata
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    if not Path(font).is_file():
+        raise InputError(f"the emoji font is not installed at {font}. Install it with: "
+                         "apt-get install fonts-noto-color-emoji")
+    face = ImageFont.truetype(str(font), 109)  # the size the bitmap font is drawn at
+    out = []
+    for lo, hi in _EMOJI_RANGES:
+        for cp in range(lo, hi + 1):
+            name = unicodedata.name(chr(cp), "")
+            if not name:
+                continue
+            canvas = Image.new("RGB", (136, 128), "white")
+            ImageDraw.Draw(canvas).text((0, 0), chr(cp), font=face, embedded_color=True)
+            rgb = np.asarray(canvas)
+            if rgb.std() > 5 and not (rgb[..., 0] == rgb[..., 1]).all():  # drawn, and in colour (not a tofu box)
+                out.append((name.lower(), rgb))
+    return out
 
 
 # Real sentences of varied length, for verifying text graphs and benchmarking them.

@@ -209,27 +209,55 @@ def quantize_bundle(
 
 def _recover(q, convert, prepared, feeds, excluded, sensitivity, attempts, report, gate_report, w, manifest, step,
              candidates):
-    """Keep the costliest nodes of the failing tower(s) in float, doubling the count, until the gate passes."""
+    """Keep the costliest nodes of the failing tower(s) in float until the gate passes.
+
+    The count kept doubles (1, 2, 4, …) per failing tower; once the gate passes,
+    a bisection between the last failing and the passing count finds the fewest
+    nodes that still pass, so no more of the graph than needed leaves int8.
+    """
     counts = {role: 0 for role in excluded}
     sizes = {role: len(q.quantizable_nodes(prepared[role], candidates)) for role in excluded}
+
+    def keep(role: str, count: int) -> None:
+        counts[role] = count
+        excluded[role] = [r["node"] for r in sensitivity[role][:count]]
+        step(f"keeping {count} {role} node(s) in float")
+        convert(role, w.path(manifest.graphs[role].file), exclude=excluded[role])
+
+    def attempt() -> dict[str, Any]:
+        result = gate_report()
+        attempts.append({"excluded": {r: len(v) for r, v in excluded.items()}, "passed": result["passed"],
+                         "failures": result["failures"]})
+        return result
+
+    previous: dict[str, int] = {}
     while not report["passed"]:
         towers = [f"{t}_encoder" for t in failing_towers(report)]
         towers = [r for r in towers if r in counts and counts[r] < sizes[r]] or \
                  [r for r in counts if counts[r] < sizes[r]]
         if not towers:
-            break
+            return report
+        previous = {}
         for role in towers:
             if role not in sensitivity:
                 step(f"gate failed; ranking {role} nodes by sensitivity")
-                nodes = q.quantizable_nodes(prepared[role], candidates)
-                sample = feeds[role]()[:2]
                 sensitivity[role] = q.rank_sensitivity(
-                    prepared[role], nodes, sample, lambda dst, only, r=role: convert(r, dst, only=only))
-            counts[role] = min(sizes[role], max(1, 2 * counts[role]))
-            excluded[role] = [r["node"] for r in sensitivity[role][: counts[role]]]
-            step(f"keeping {len(excluded[role])} {role} node(s) in float")
-            convert(role, w.path(manifest.graphs[role].file), exclude=excluded[role])
-        report = gate_report()
-        attempts.append({"excluded": {r: len(v) for r, v in excluded.items()}, "passed": report["passed"],
-                         "failures": report["failures"]})
+                    prepared[role], q.quantizable_nodes(prepared[role], candidates), feeds[role]()[:2],
+                    lambda dst, only, r=role: convert(r, dst, only=only))
+            previous[role] = counts[role]
+            keep(role, min(sizes[role], max(1, 2 * counts[role])))
+        report = attempt()
+    for role, low in previous.items():  # bisect (low fails, counts[role] passes)
+        best, best_report = counts[role], report
+        while best - low > 1:
+            mid = (low + best) // 2
+            keep(role, mid)
+            trial = attempt()
+            if trial["passed"]:
+                best, best_report = mid, trial
+            else:
+                low = mid
+        if counts[role] != best:
+            keep(role, best)
+        report = best_report
     return report

@@ -12,6 +12,7 @@ import edgemm
 from edgemm._gate import GateThresholds
 from edgemm._quantize import QuantizationGateError, quantize_bundle
 from edgemm.runtime.bundle import Bundle
+from edgemm.runtime.datasets import EMOJI_FONT
 from edgemm.runtime.errors import BundleError, InputError
 
 STRICT = GateThresholds(mean_cosine=0.99999, worst_cosine=0.9999, top1_agreement=1.0)
@@ -35,7 +36,9 @@ def test_int8_bundle_passes_the_gate_and_records_it(int8_bundle, tiny_clip_bundl
     gate = manifest.verification["quantization"]["gate"]
     assert gate["passed"] and gate["image_cosine"]["mean"] >= 0.99 and gate["top1_agreement"] >= 0.98
     assert 0.99 < gate["text_cosine"]["mean"] < 1.0  # measured, and really changed
-    assert gate["retrieval"]["pairs"] == 15 and set(gate["retrieval"]["candidate"]) == {"recall@1", "recall@5"}
+    emoji_pairs = 100 if EMOJI_FONT.is_file() else 0
+    assert gate["retrieval"]["pairs"] == 15 + emoji_pairs
+    assert set(gate["retrieval"]["candidate"]) == {"recall@1", "recall@5"}
     assert manifest.verification["image_encoder"] == Bundle(tiny_clip_bundle).manifest.verification["image_encoder"]
     assert manifest.source["quantized_from"]["path"] == str(tiny_clip_bundle)
     assert sorted(p.name for p in (out / "calibration").iterdir()) == ["image_encoder.json", "text_encoder.json"]
@@ -52,6 +55,12 @@ def test_failed_gate_recovers_by_keeping_sensitive_nodes_float(tiny_clip_bundle,
     assert not info["attempts"][0]["passed"] and info["attempts"][-1]["passed"]
     kept = info["kept_in_float"]
     assert any(kept.values())
+    final = info["attempts"][-1]["excluded"]
+    assert final == {role: len(nodes) for role, nodes in kept.items()}
+    for role, count in final.items():  # bisected: one fewer node kept in float failed the gate
+        fewer = [a for a in info["attempts"] if a["excluded"][role] == count - 1 and
+                 all(a["excluded"][r] == c for r, c in final.items() if r != role)]
+        assert count == 0 or all(not a["passed"] for a in fewer)
     for role, nodes in kept.items():
         ranked = [r["node"] for r in info["sensitivity"].get(role, [])]
         assert nodes == ranked[: len(nodes)] or len(nodes) > len(ranked)  # costliest first
