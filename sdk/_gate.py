@@ -9,6 +9,7 @@ beside them so a user sees what the conversion costs in their terms.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -40,12 +41,22 @@ class Outputs:
     captions: np.ndarray  # (R, dim) retrieval caption embeddings
 
 
+def label_scores(model: DualEncoder, data) -> list[np.ndarray]:
+    """Label probabilities per label set of the gate data."""
+    return [model.scores([data.images[i] for i in indices], labels or None, color="rgb")
+            for indices, labels, _truth in data.label_sets]
+
+
+def agreement(source: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> float:
+    """Fraction of images whose top label is the same on both sides."""
+    same = sum(int((s.argmax(1) == c.argmax(1)).sum()) for s, c in zip(source, candidate))
+    total = sum(len(s) for s in source)
+    return same / total if total else 1.0
+
+
 def measure(model: DualEncoder, data) -> Outputs:
     """Run ``model`` over the gate data (an ``edgemm.export.calibration.DataSet``)."""
-    scores = []
-    for indices, labels, _truth in data.label_sets:
-        images = [data.images[i] for i in indices]
-        scores.append(model.scores(images, labels or None, color="rgb"))
+    scores = label_scores(model, data)
     return Outputs(
         image=model.embed_images(data.images, color="rgb"),
         text=model.embed_texts(data.texts),
@@ -80,18 +91,14 @@ def compare(source: Outputs, candidate: Outputs, data, thresholds: GateThreshold
             failures.append(f"{tower} mean cosine {cos.mean():.4f} < {thresholds.mean_cosine}")
         if cos.min() < thresholds.worst_cosine:
             failures.append(f"{tower} worst cosine {cos.min():.4f} < {thresholds.worst_cosine}")
-    agree = total = 0
     sets = []
     for (indices, labels, truth), s, c in zip(data.label_sets, source.scores, candidate.scores):
-        same = int((s.argmax(1) == c.argmax(1)).sum())
-        entry = {"images": len(indices), "labels": len(labels) or "bundle's own", "agreement": same / len(indices)}
+        entry = {"images": len(indices), "labels": len(labels) or "bundle's own", "agreement": agreement([s], [c])}
         if truth is not None:
             entry["source_top1"] = float((s.argmax(1) == np.asarray(truth)).mean())
             entry["candidate_top1"] = float((c.argmax(1) == np.asarray(truth)).mean())
         sets.append(entry)
-        agree += same
-        total += len(indices)
-    report["top1_agreement"] = agree / total if total else 1.0
+    report["top1_agreement"] = agreement(source.scores, candidate.scores)
     report["label_sets"] = sets
     if report["top1_agreement"] < thresholds.top1_agreement:
         failures.append(f"top-1 agreement {report['top1_agreement']:.3f} < {thresholds.top1_agreement}")
@@ -104,10 +111,15 @@ def compare(source: Outputs, candidate: Outputs, data, thresholds: GateThreshold
 
 
 def failing_towers(report: dict[str, Any]) -> list[str]:
-    """Which towers to recover first: those below a cosine threshold, else the further from the source."""
+    """Which towers to recover first: those below a cosine threshold; else, when only agreement
+    fails, the tower whose conversion alone agrees least (``report["agreement_alone"]``, when
+    measured), or the one further from the source."""
     towers = [t for t in ("image", "text") if any(f.startswith(t) for f in report["failures"])]
     if towers or report["passed"]:
         return towers
+    alone = report.get("agreement_alone")
+    if alone:
+        return [min(alone, key=alone.get)]
     return [min(("image", "text"), key=lambda t: report[f"{t}_cosine"]["mean"])]
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from edgemm._gate import GateThresholds, compare, failing_towers, measure, summary
+from edgemm._gate import GateThresholds, agreement, compare, failing_towers, label_scores, measure, summary
 from edgemm._model import DualEncoder
 from edgemm.runtime.bundle import Bundle
 from edgemm.runtime.errors import BundleError, InputError, VerificationError
@@ -48,6 +48,16 @@ def _text_feeds(model: DualEncoder, texts: Sequence[str]) -> list[dict[str, np.n
     feeds = model.tokenizer(list(texts))
     names = [t.name for t in model.text_backend.inputs]
     return [{k: feeds[k][i : i + CALIBRATION_BATCH] for k in names} for i in range(0, len(texts), CALIBRATION_BATCH)]
+
+
+def _hybrid(staged: Path, reference: DualEncoder, converted: str, threads: int | None) -> DualEncoder:
+    """The staged bundle with only the ``converted`` tower ("image"/"text") taken from it, the other from the source."""
+    model = DualEncoder(Bundle(staged, check_hashes=False), threads=threads)
+    if converted == "image":
+        model.text_backend = reference.text_backend
+    else:
+        model.image_backend = reference.image_backend
+    return model
 
 
 def quantize_bundle(
@@ -160,7 +170,15 @@ def quantize_bundle(
         def gate_report() -> dict[str, Any]:
             staged = w.stage(**fields)
             candidate = DualEncoder(Bundle(staged, check_hashes=False), threads=threads)
-            return compare(source_outputs, measure(candidate, gate), gate, thresholds)
+            report = compare(source_outputs, measure(candidate, gate), gate, thresholds)
+            only_agreement = report["failures"] and all(f.startswith("top-1") for f in report["failures"])
+            if only_agreement and len(roles) > 1:
+                # measure each tower's conversion alone, to know which one to recover
+                report["agreement_alone"] = {
+                    tower: agreement(source_outputs.scores,
+                                     label_scores(_hybrid(staged, reference, tower, threads), gate))
+                    for tower in ("image", "text")}
+            return report
 
         step("measuring the fp32 source on held-out inputs")
         source_outputs = measure(reference, gate)

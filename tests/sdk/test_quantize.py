@@ -145,3 +145,14 @@ def test_cli_quantize_with_user_calibration(tiny_clip_bundle, tmp_path, capsys):
                  "--calibration", str(frames), "-o", str(tmp_path / "c")]) == 2
     assert "two image folders" in capsys.readouterr().err
     assert np.isfinite(info["seconds"])
+
+
+def test_recovery_blames_the_tower_whose_conversion_alone_disagrees():
+    from edgemm._gate import failing_towers
+
+    base = {"passed": False, "image_cosine": {"mean": 0.995}, "text_cosine": {"mean": 0.999}}
+    assert failing_towers({**base, "failures": ["text worst cosine 0.96 < 0.97"]}) == ["text"]
+    only_agreement = {**base, "failures": ["top-1 agreement 0.95 < 0.98"]}
+    assert failing_towers(only_agreement) == ["image"]  # unmeasured: the tower further from its source
+    assert failing_towers({**only_agreement, "agreement_alone": {"image": 0.99, "text": 0.96}}) == ["text"]
+    assert failing_towers({**base, "passed": True, "failures": []}) == []
