@@ -168,6 +168,15 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"  image: {m.image.size}px, crop {m.image.crop_fraction}, mean {m.image.mean}, std {m.image.std}, {m.image.color}")
     if m.text:
         print(f"  text: {m.text.tokenizer}, max {m.text.max_length} tokens")
+    quant = m.verification.get("quantization")
+    if quant:
+        gate = quant["gate"]
+        kept = ", ".join(f"{role} {len(nodes)}" for role, nodes in quant["kept_in_float"].items() if nodes) or "none"
+        print(f"  quantized: {quant['mode']} {quant['precision']} from {m.source.get('quantized_from', {}).get('path')}; "
+              f"gate {'passed' if gate['passed'] else 'FAILED (accepted)'}: image cosine {gate['image_cosine']['mean']:.4f}"
+              f"/{gate['image_cosine']['worst']:.4f}, text {gate['text_cosine']['mean']:.4f}/"
+              f"{gate['text_cosine']['worst']:.4f}, top-1 agreement {gate['top1_agreement']:.1%}; "
+              f"nodes kept in float: {kept}")
     print(f"  scoring: {m.scoring.kind}; files: {len(m.files)} (sha256 checked: {not args.no_verify})")
     print(f"  made with: {', '.join(f'{k} {v}' for k, v in m.tools.items())}; created {m.created}")
     return 0
@@ -301,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the quantization report as JSON")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_quantize)
+
+    from edgemm._bench import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
 
     p = sub.add_parser("info", help="show a bundle's manifest (and check its files)")
     p.add_argument("bundle_path")

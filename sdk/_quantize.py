@@ -204,6 +204,11 @@ def quantize_bundle(
             "gate": report,
             "seconds": round(time.perf_counter() - started, 1),
         }
+        if precision == "int8" and sensitivity:
+            whole = [role for role in roles if role in sensitivity and len(excluded[role]) >= len(sensitivity[role])]
+            if whole:
+                info["note"] = (f"every quantizable node of {', '.join(whole)} had to stay float to pass the gate, so "
+                                "that graph is effectively fp32; convert only the others with --graphs.")
         if precision == "fp16":
             info["note"] = ("fp16 is for GPU targets: ONNX Runtime's CPU provider has few fp16 kernels and "
                             "inserts casts, so on a CPU this bundle usually runs slower than fp32.")
