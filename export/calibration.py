@@ -1,9 +1,9 @@
 """Calibration and held-out data for quantization: small iterables of real inputs.
 
-The interface is deliberately small: a :class:`DataSet` holds an iterable of
-images (paths, arrays, PIL images) and an iterable of texts; the quantizer
-turns them into graph feeds with the bundle's own preprocessing. Users pass a
-folder of images and/or a text file; without them the packaged data is used
+The interface is deliberately small: calibration takes any iterable of images
+(paths, RGB arrays, PIL images) and any iterable of texts, or a folder of
+images and a text file; the quantizer turns them into graph feeds with the
+bundle's own preprocessing. Without them the packaged data is used
 (ImageNet class names, descriptions and prompts; sample photos and
 Fashion-MNIST training images, flipped and cropped).
 
@@ -121,13 +121,42 @@ def split_user_files(items: Sequence[Any]) -> tuple[list[Any], list[Any]]:
     return calib, held
 
 
-def calibration_data(image_dir: str | Path | None = None, text_path: str | Path | None = None, *,
+def _items(source: Any, what: str) -> tuple[list[Any], str]:
+    """A folder / text file path, or any iterable of images / texts → (items, description)."""
+    if isinstance(source, (str, Path)):
+        return (image_folder(source) if what == "images" else text_file(source)), str(source)
+    if isinstance(source, (bytes, np.ndarray)) or (what == "texts" and isinstance(source, str)):
+        raise InputError(f"calibration {what}: pass a path or an iterable of {what}, not a single item.")
+    try:
+        items = list(source)
+    except TypeError:
+        raise InputError(f"calibration {what}: expected a path or an iterable, got {type(source).__name__}.") from None
+    if what == "texts":
+        bad = [i for i, t in enumerate(items) if not isinstance(t, str) or not t.strip()]
+        if bad:
+            raise InputError(f"calibration texts: item {bad[0]} is not a non-empty string.")
+    if not items:
+        raise InputError(f"calibration {what}: the iterable gave nothing.")
+    return items, f"the {what} given"
+
+
+def _user_split(source: Any, what: str, limit: int) -> tuple[list[Any], list[Any], str]:
+    """(calibration items, held-out items, description) of a user's images or texts."""
+    items, where = _items(source, what)
+    use, keep = split_user_files(items)
+    if not use:
+        raise InputError(f"calibration {what}: {where} gives {len(items)}; give at least 2.")
+    use = list(use[:limit])
+    return use, list(keep), f"{len(use)} {what} from {where} ({len(keep)} more held out)"
+
+
+def calibration_data(image_dir: Any = None, text_path: Any = None, *,
                      max_images: int = 256, max_texts: int = 512, seed: int = 0) -> tuple[DataSet, DataSet]:
     """Calibration inputs and the user's held-out part of them.
 
     Args:
-        image_dir: A folder of the user's images (``None``: packaged images).
-        text_path: A text file, one text per line (``None``: packaged texts).
+        image_dir: A folder of the user's images, or an iterable of images (``None``: packaged images).
+        text_path: A text file (one text per line), or an iterable of texts (``None``: packaged texts).
         max_images: Most calibration images used.
         max_texts: Most calibration texts used.
         seed: For the packaged images' crops and flips.
@@ -141,13 +170,7 @@ def calibration_data(image_dir: str | Path | None = None, text_path: str | Path 
     rng = np.random.default_rng(seed)
     calib, held = DataSet(), DataSet()
     if image_dir is not None:
-        files = image_folder(image_dir)
-        use, keep = split_user_files(files)
-        if not use:
-            raise InputError(f"calibration images: '{image_dir}' holds {len(files)} image(s); give at least 2.")
-        calib.images = list(use[:max_images])
-        held.images = list(keep)
-        calib.describe["images"] = f"{len(calib.images)} images from {image_dir} ({len(keep)} more held out)"
+        calib.images, held.images, calib.describe["images"] = _user_split(image_dir, "images", max_images)
     else:
         photos = [p.image for p in sample_photos()]
         augmented = [_augment(photos[i % len(photos)], rng) for i in range(max_images // 2)]
@@ -156,13 +179,7 @@ def calibration_data(image_dir: str | Path | None = None, text_path: str | Path 
         calib.describe["images"] = (f"{len(augmented)} crops/flips of the {len(photos)} sample photos and "
                                     f"{len(fashion)} Fashion-MNIST training images")
     if text_path is not None:
-        lines = text_file(text_path)
-        use, keep = split_user_files(lines)
-        if not use:
-            raise InputError(f"calibration texts: '{text_path}' has {len(lines)} line(s); give at least 2.")
-        calib.texts = list(use[:max_texts])
-        held.texts = list(keep)
-        calib.describe["texts"] = f"{len(calib.texts)} lines of {text_path} ({len(keep)} more held out)"
+        calib.texts, held.texts, calib.describe["texts"] = _user_split(text_path, "texts", max_texts)
     else:
         names, descriptions = _class_texts()
         # even classes calibrate, odd classes are held out

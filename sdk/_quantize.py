@@ -67,8 +67,8 @@ def quantize_bundle(
     precision: str,
     dynamic: bool = False,
     graphs: Sequence[str] | None = None,
-    calibration_images: str | Path | None = None,
-    calibration_texts: str | Path | None = None,
+    calibration_images: Any = None,
+    calibration_texts: Any = None,
     options: Any = None,
     thresholds: GateThresholds = GateThresholds(),
     recover: bool = True,
@@ -87,8 +87,10 @@ def quantize_bundle(
             run time, MatMul/Gemm only; no calibration).
         graphs: Roles to convert (default: all); the others stay fp32, e.g. when
             int8 does not pay off for one tower on the target.
-        calibration_images: A folder of images (default: packaged images).
-        calibration_texts: A text file, one text per line (default: packaged texts).
+        calibration_images: A folder of images, or any iterable of images (RGB
+            arrays, PIL images, paths); default: packaged images.
+        calibration_texts: A text file (one text per line), or any iterable of
+            strings; default: packaged texts. Every fifth item is held out for the gate.
         options: ``edgemm.export.quantize.Int8Options``.
         thresholds: The gate.
         recover: On a failed int8 gate, keep the most sensitive nodes in float until it passes.

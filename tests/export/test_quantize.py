@@ -119,3 +119,16 @@ def test_held_out_data_never_meets_calibration(tmp_path):
     packaged, _ = calibration_data()
     assert not set(packaged.texts) & set(gate_data().texts)
     assert split_user_files(list(range(10))) == ([0, 1, 2, 3, 5, 6, 7, 8], [4, 9])
+
+
+def test_calibration_accepts_any_iterable_of_images_and_texts(photos):
+    images = (p.image for p in photos[:10])  # a generator, as a camera loop would give
+    calib, held = calibration_data(image_dir=images, text_path=iter(f"text {i}" for i in range(10)))
+    assert len(calib.images) == 8 and len(held.images) == 2 and isinstance(calib.images[0], np.ndarray)
+    assert calib.describe["texts"] == "8 texts from the texts given (2 more held out)"
+    with pytest.raises(InputError, match="item 1 is not a non-empty string"):
+        calibration_data(text_path=["fine", 3])
+    with pytest.raises(InputError, match="gave nothing"):
+        calibration_data(image_dir=iter([]))
+    with pytest.raises(InputError, match="not a single item"):
+        calibration_data(image_dir=photos[0].image)
