@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from edgemm.runtime.manifest import SCHEMA_VERSION
+
 
 def run(*args, check=True):
     out = subprocess.run([sys.executable, "-m", "edgemm._cli", *map(str, args)], capture_output=True, text=True)
@@ -30,7 +32,7 @@ def test_info(default_bundle):
     out = run("info", default_bundle)
     assert "dual_encoder" in out.stdout and "image_encoder.onnx" in out.stdout and "verified" in out.stdout
     data = json.loads(run("info", default_bundle, "--json").stdout)
-    assert data["schema_version"] == 1 and data["embedding_dim"] == 384
+    assert data["schema_version"] == SCHEMA_VERSION and data["embedding_dim"] == 384
 
 
 def test_classify_json(default_bundle, image_dir):
@@ -70,7 +72,7 @@ def test_eval_small(default_bundle):
     (["classify", "IMG", "--labels", "a", "a"], "more than once"),
     (["info", "/no/bundle"], "does not exist"),
     (["embed", "--texts", "x", "--images", "IMG"], "either --images or --texts"),
-    (["export", "resnet", "-o", "OUT"], "unknown model"),
+    (["export", "resnet", "-o", "OUT"], "invalid choice"),
 ])
 def test_errors_exit_2_with_a_message(default_bundle, image_dir, tmp_path, args, message):
     args = [str(image_dir / "skimage.chelsea.jpg") if a == "IMG" else str(tmp_path / "o") if a == "OUT" else a
