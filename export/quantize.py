@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -282,7 +281,3 @@ def rank_sensitivity(prepared: str | Path, nodes: Sequence[str], feeds: Sequence
                 progress(i + 1, len(nodes))
     return sorted(ranked, key=lambda r: -r["cost"])
 
-
-def copy_graph(src: str | Path, dst: str | Path) -> Path:
-    shutil.copyfile(src, dst)
-    return Path(dst)

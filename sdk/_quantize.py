@@ -192,8 +192,6 @@ def quantize_bundle(
             candidates = q.Int8Options(**{**asdict(options), "op_types": ("MatMul", "Gemm")}) if dynamic else options
             report = _recover(q, convert, prepared, feeds, excluded, sensitivity, attempts, report, gate_report, w,
                               manifest, step, candidates)
-        if not calib.images and not calib.texts:  # pragma: no cover - calibration_data always fills both
-            raise InputError("no calibration data.")
         info = {
             "precision": precision,
             "graphs": {role: precision if role in roles else "fp32" for role in manifest.graphs},
