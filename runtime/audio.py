@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -19,15 +18,9 @@ from typing import Any
 import numpy as np
 
 from edgemm.runtime.errors import InputError
+from edgemm.runtime.manifest import AudioPreprocess
 
 MAX_CHANNELS = 8  # more than this on the second axis means the array is (channels, samples)
-
-
-@dataclass(frozen=True)
-class AudioSpec:
-    sample_rate: int  # Hz the graph expects
-    min_samples: int  # the graph's shortest input
-    clip_samples: int  # shorter audio is tiled to this length
 
 
 def read_wav(path: str | os.PathLike) -> tuple[np.ndarray, int]:
@@ -146,7 +139,7 @@ class AudioPreprocessor:
         spec: Sample rate and lengths of the model.
     """
 
-    def __init__(self, spec: AudioSpec):
+    def __init__(self, spec: AudioPreprocess):
         self.spec = spec
 
     def __call__(self, audio: Any, sample_rate: int | None = None, *, where: str = "audio") -> np.ndarray:

@@ -52,6 +52,13 @@ class TextPreprocess:
 
 
 @dataclass(frozen=True)
+class AudioPreprocess:
+    sample_rate: int  # Hz the audio graph expects
+    min_samples: int  # the audio graph's shortest input
+    clip_samples: int  # shorter audio is tiled to this many samples (the model's own preprocessing)
+
+
+@dataclass(frozen=True)
 class Scoring:
     """How classify() turns image outputs and label texts into label scores."""
 
@@ -62,6 +69,8 @@ class Scoring:
     class_embeddings: str | None = None  # for "class_space": .npy (classes, dim) of unit vectors
     class_output: str | None = None  # for "class_space": image-graph output with class probabilities
     tau: float = 0.05  # for "class_space": temperature of the label → class softmax
+    audio_output: str | None = None  # audio-visual: audio-graph output with probabilities over the same classes
+    audio_weight: float = 0.5  # audio-visual: default weight of the audio in the late fusion (video: 1 - this)
 
 
 @dataclass(frozen=True)
@@ -84,6 +93,7 @@ class Manifest:
     labels: Labels | None
     files: dict[str, str]  # every file of the bundle (but the manifest) → sha256 hex digest
     verification: dict[str, Any] = field(default_factory=dict)  # graph → figures measured at export
+    audio: AudioPreprocess | None = None  # audio-visual bundles
     source: dict[str, Any] = field(default_factory=dict)  # what the model was built from
     tools: dict[str, str] = field(default_factory=dict)  # package → version that made the bundle
     created: str = ""  # ISO 8601 UTC time of export
@@ -130,6 +140,7 @@ class Manifest:
                 labels=Labels(**data["labels"]) if data.get("labels") else None,
                 files=dict(data["files"]),
                 verification=dict(data.get("verification", {})),
+                audio=AudioPreprocess(**data["audio"]) if data.get("audio") else None,
                 source=dict(data.get("source", {})),
                 tools=dict(data.get("tools", {})),
                 created=str(data.get("created", "")),

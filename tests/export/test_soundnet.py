@@ -7,12 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgemm.export.models import soundnet
 from edgemm.export.models.dual_encoder import imagenet_class_names
 from edgemm.export.onnx_export import export_onnx, verify_onnx
-from edgemm.runtime.audio import AudioPreprocessor, AudioSpec
+from edgemm.runtime.audio import AudioPreprocessor
+from edgemm.runtime.manifest import AudioPreprocess
 from edgemm.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
-soundnet = pytest.importorskip("edgemm.export.models.soundnet")
 ALSA = Path("/usr/share/sounds/alsa")
 pytestmark = pytest.mark.skipif(not (ALSA / "Noise.wav").is_file(), reason="apt-get install alsa-utils")
 
@@ -27,7 +28,7 @@ def graph(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pre():
     rate = soundnet.SAMPLE_RATE
-    return AudioPreprocessor(AudioSpec(rate, soundnet.min_samples(), rate * soundnet.CLIP_SECONDS))
+    return AudioPreprocessor(AudioPreprocess(rate, soundnet.min_samples(), rate * soundnet.CLIP_SECONDS))
 
 
 def test_length_arithmetic():

@@ -8,10 +8,11 @@ import wave
 import numpy as np
 import pytest
 
-from edgemm.runtime.audio import AudioPreprocessor, AudioSpec, read_wav, resample, to_mono
+from edgemm.runtime.audio import AudioPreprocessor, read_wav, resample, to_mono
 from edgemm.runtime.errors import InputError
+from edgemm.runtime.manifest import AudioPreprocess
 
-SPEC = AudioSpec(sample_rate=22050, min_samples=1000, clip_samples=22050 * 2)
+SPEC = AudioPreprocess(sample_rate=22050, min_samples=1000, clip_samples=22050 * 2)
 
 
 def _pcm_wav(path, samples: np.ndarray, rate: int, width: int) -> None:
