@@ -149,10 +149,13 @@ class DualEncoder:
         out = np.empty((len(texts), self.dim), np.float32)
         for start in range(0, len(texts), batch_size):
             idx = order[start : start + batch_size]
-            feeds = self.tokenizer([texts[i] for i in idx])
-            feeds = {name: feeds[name] for name in self._text_inputs}  # e.g. SigLIP takes no attention mask
-            out[idx] = self.text_backend.infer(feeds)["embedding"]
+            out[idx] = self.text_backend.infer(self.text_feeds([texts[i] for i in idx]))["embedding"]
         return out
+
+    def text_feeds(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """Tokenized texts as the text graph takes them (one batch, padded alike)."""
+        feeds = self.tokenizer(texts)
+        return {name: feeds[name] for name in self._text_inputs}  # e.g. SigLIP takes no attention mask
 
     # -- classification -----------------------------------------------------------
 

@@ -45,9 +45,8 @@ def _image_feeds(model: DualEncoder, images: Sequence[Any]) -> list[dict[str, np
 
 def _text_feeds(model: DualEncoder, texts: Sequence[str]) -> list[dict[str, np.ndarray]]:
     # one tokenizer call, so every batch has the same length (histogram calibrators need that)
-    feeds = model.tokenizer(list(texts))
-    names = [t.name for t in model.text_backend.inputs]
-    return [{k: feeds[k][i : i + CALIBRATION_BATCH] for k in names} for i in range(0, len(texts), CALIBRATION_BATCH)]
+    feeds = model.text_feeds(list(texts))
+    return [{k: v[i : i + CALIBRATION_BATCH] for k, v in feeds.items()} for i in range(0, len(texts), CALIBRATION_BATCH)]
 
 
 def _hybrid(staged: Path, reference: DualEncoder, converted: str, threads: int | None) -> DualEncoder:
@@ -144,8 +143,15 @@ def quantize_bundle(
         work = w.path(".work")
         work.mkdir()
         (w.path("calibration")).mkdir()
-        feeds = {"image_encoder": lambda: _image_feeds(reference, calib.images),
-                 "text_encoder": lambda: _text_feeds(reference, calib.texts)}
+        made: dict[str, list[dict[str, np.ndarray]]] = {}  # preprocessed once, on first need
+
+        def calibration_feeds(role: str) -> list[dict[str, np.ndarray]]:
+            if role not in made:
+                made[role] = (_image_feeds(reference, calib.images) if role == "image_encoder"
+                              else _text_feeds(reference, calib.texts))
+            return made[role]
+
+        feeds = {role: (lambda r=role: calibration_feeds(r)) for role in ("image_encoder", "text_encoder")}
         prepared: dict[str, Path] = {}
         excluded: dict[str, list[str]] = {role: [] for role in roles}
 

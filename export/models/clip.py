@@ -212,6 +212,7 @@ class Checkpoint:
         self.embedding_dim = int(self.image_tower(torch.zeros(1, 3, self.image_size, self.image_size)).shape[-1])
         self.tokenizer = self._load_tokenizer()
         self.processor_config = self._processor_config()
+        self._processor = None  # the folder's Hugging Face image processor, loaded on first use
         self.image_spec = image_preprocess_from_processor(self.processor_config, self.image_size)
         positions = int(model.config.text_config.max_position_embeddings)
         limit = getattr(self.tokenizer, "model_max_length", positions) or positions
@@ -258,8 +259,9 @@ class Checkpoint:
         from PIL import Image
         from transformers import AutoImageProcessor
 
-        processor = AutoImageProcessor.from_pretrained(str(self.folder), local_files_only=True, backend="pil")
-        out = processor(images=[Image.fromarray(im) for im in images_rgb], return_tensors="np")
+        if self._processor is None:
+            self._processor = AutoImageProcessor.from_pretrained(str(self.folder), local_files_only=True, backend="pil")
+        out = self._processor(images=[Image.fromarray(im) for im in images_rgb], return_tensors="np")
         return out["pixel_values"].astype(np.float32)
 
     def feeds(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
