@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -28,6 +29,11 @@ class ExportSpec:
     @property
     def file(self) -> str:
         return f"{self.role}.onnx"
+
+    def manifest_entry(self) -> dict[str, Any]:
+        """The graph as the manifest's ``graphs`` entry."""
+        return {"file": self.file, "inputs": [vars(t) for t in self.inputs],
+                "outputs": [vars(t) for t in self.outputs]}
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         return {

@@ -143,10 +143,18 @@ class AudioPreprocessor:
         self.spec = spec
 
     def __call__(self, audio: Any, sample_rate: int | None = None, *, where: str = "audio") -> np.ndarray:
-        """One clip: a WAV path, or an array with its ``sample_rate``.
+        """One clip (a WAV path, or an array with its ``sample_rate``) → (1, samples), tiled to the clip length.
 
         Raises:
             InputError: Unreadable or malformed audio, a missing sample rate, or too few samples to tile.
+        """
+        return self.tile(self.load(audio, sample_rate, where=where))
+
+    def load(self, audio: Any, sample_rate: int | None = None, *, where: str = "audio") -> np.ndarray:
+        """One clip → mono float32 (samples,) at the model's rate, as long as it was.
+
+        Raises:
+            InputError: Unreadable or malformed audio, a missing sample rate, or less than 0.1 s.
         """
         if isinstance(audio, (str, os.PathLike)):
             samples, rate = read_wav(audio)
@@ -161,6 +169,10 @@ class AudioPreprocessor:
         if len(x) < self.spec.sample_rate // 10:
             raise InputError(f"{where}: {len(x) / self.spec.sample_rate * 1000:.0f} ms of audio is too short to "
                              "classify; give at least 0.1 s.")
+        return x.astype(np.float32, copy=False)
+
+    def tile(self, x: np.ndarray) -> np.ndarray:
+        """Mono samples at the model's rate → (1, samples), repeated up to the clip length if shorter."""
         if len(x) < self.spec.clip_samples:
             x = np.tile(x, -(-self.spec.clip_samples // len(x)))[: self.spec.clip_samples]
         return x[None, :].astype(np.float32, copy=False)

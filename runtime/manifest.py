@@ -71,6 +71,9 @@ class Scoring:
     tau: float = 0.05  # for "class_space": temperature of the label → class softmax
     audio_output: str | None = None  # audio-visual: audio-graph output with probabilities over the same classes
     audio_weight: float = 0.5  # audio-visual: default weight of the audio in the late fusion (video: 1 - this)
+    video_pooling: str = "mean"  # audio-visual: how frames' class probabilities pool over time ("mean", "attention")
+    scene_output: str | None = None  # audio-visual: audio-graph output with scene probabilities (reported, not fused)
+    scene_labels: str | None = None  # audio-visual: JSON list naming the scene output's classes
 
 
 @dataclass(frozen=True)

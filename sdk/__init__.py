@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from edgemm._av import AudioVisual, AVFit, AVResult, AVStream, fit_av_fusion, save_av_fusion
 from edgemm._index import Hit, VectorIndex
 from edgemm._model import DualEncoder, Prediction, default_bundle_dir, load
 from edgemm.runtime.errors import (
@@ -23,6 +24,10 @@ from edgemm.runtime.errors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AVFit",
+    "AVResult",
+    "AVStream",
+    "AudioVisual",
     "BackendError",
     "BundleError",
     "DualEncoder",
@@ -36,5 +41,7 @@ __all__ = [
     "VerificationError",
     "__version__",
     "default_bundle_dir",
+    "fit_av_fusion",
     "load",
+    "save_av_fusion",
 ]

@@ -52,14 +52,15 @@ def _labels(args: argparse.Namespace) -> list[str] | None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    if args.model not in ("default", "clip"):
-        raise InputError(f"unknown model {args.model!r}; export 'default' or 'clip --from FOLDER'.")
+    if args.model not in ("default", "audio-visual", "clip"):
+        raise InputError(f"unknown model {args.model!r}; export 'default', 'audio-visual' or 'clip --from FOLDER'.")
     if (args.model == "clip") != (args.source is not None):
         raise InputError("'edgemm export clip' needs --from FOLDER (a local Hugging Face CLIP/SigLIP folder); "
-                         "'edgemm export default' takes none.")
+                         f"'edgemm export {args.model}' takes none.")
     from tqdm import tqdm
 
-    steps = tqdm(total=6, desc=f"export {args.model}", unit="step", disable=args.quiet)
+    steps = tqdm(total=9 if args.model == "audio-visual" else 6, desc=f"export {args.model}", unit="step",
+                 disable=args.quiet)
 
     def progress(message: str) -> None:
         steps.set_postfix_str(message)
@@ -69,6 +70,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         from edgemm.export.models.dual_encoder import build_default_bundle
 
         manifest = build_default_bundle(args.output, overwrite=args.force, progress=progress)
+    elif args.model == "audio-visual":
+        from edgemm.export.models.audio_visual import build_audio_visual_bundle
+
+        manifest = build_audio_visual_bundle(args.output, overwrite=args.force, progress=progress)
     else:
         from edgemm.export.models.clip import build_clip_bundle
 
@@ -195,6 +200,35 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_classify_av(args: argparse.Namespace) -> int:
+    from edgemm._av import AudioVisual
+    from edgemm._model import load
+
+    if not args.frames and not args.audio:
+        raise InputError("give --frames, --audio or both.")
+    model = load(args.bundle, default="audio-visual", providers=tuple(args.providers.split(",")), threads=args.threads)
+    if not isinstance(model, AudioVisual):
+        raise InputError(f"bundle '{model.bundle.path}' is a {model.manifest.family} bundle, not audio-visual; "
+                         "build one with 'edgemm export audio-visual -o DIR'.")
+    frames = [str(p) for p in _image_paths(args.frames)] if args.frames else None
+    result = model.classify_av(frames, args.audio, labels=_labels(args), audio_weight=args.audio_weight,
+                               pooling=args.pooling, top_k=args.top_k)
+    if args.json:
+        _print_json({"predictions": [vars(p) for p in result.predictions], "modalities": list(result.modalities),
+                     "missing": list(result.missing), "audio_weight": result.audio_weight, "frames": result.frames,
+                     "frame_weights": list(result.frame_weights), "audio_seconds": result.audio_seconds,
+                     "scenes": [vars(p) for p in result.scenes]})
+        return 0
+    print(", ".join(f"{p.label} {p.score:.3f}" for p in result.predictions))
+    used = " + ".join(result.modalities)
+    missing = f"; no {' or '.join(result.missing)} given" if result.missing else ""
+    print(f"from {used} (audio weight {result.audio_weight:.2f}, {result.frames} frames, "
+          f"{result.audio_seconds:.1f} s of audio{missing})")
+    if result.scenes:
+        print("sounds like: " + ", ".join(f"{p.label} {p.score:.3f}" for p in result.scenes))
+    return 0
+
+
 def cmd_embed(args: argparse.Namespace) -> int:
     model = _load(args)
     if bool(args.images) == bool(args.texts):
@@ -278,8 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser("export", help="build, export and verify a bundle")
-    p.add_argument("model", choices=("default", "clip"),
+    p.add_argument("model", choices=("default", "audio-visual", "clip"),
                    help="'default': the packaged EfficientNet-Lite0 + MiniLM dual encoder; "
+                        "'audio-visual': the default plus SoundNet-8 (frames + sound); "
                         "'clip': a local Hugging Face CLIPModel or SiglipModel folder given with --from")
     p.add_argument("--from", dest="source", help="checkpoint folder (config.json, weights, tokenizer, preprocessor config)")
     p.add_argument("--name", help="bundle name (default: the folder's name)")
@@ -328,6 +363,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", "--top-k", type=int, default=3)
     runtime_options(p)
     p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("classify-av", help="zero-shot classify a clip from its frames and/or its sound")
+    p.add_argument("--frames", nargs="+", help="the clip's frames: image files or a directory (in order)")
+    p.add_argument("--audio", help="the clip's sound: a WAV file (any rate, mono or multi-channel)")
+    p.add_argument("--labels", nargs="+", help="candidate labels (default: the bundle's labels)")
+    p.add_argument("--labels-file", help="a text file with one label per line")
+    p.add_argument("--audio-weight", type=float, default=None, help="the audio's share of the mix, 0..1 "
+                   "(default: the bundle's)")
+    p.add_argument("--pooling", choices=("mean", "attention"), default=None, help="frame pooling over time")
+    p.add_argument("-k", "--top-k", type=int, default=3)
+    runtime_options(p)
+    p.set_defaults(func=cmd_classify_av)
 
     p = sub.add_parser("embed", help="embed images or texts")
     p.add_argument("--images", nargs="+", help="image files or directories")

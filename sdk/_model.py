@@ -236,46 +236,65 @@ class DualEncoder:
         return result[0] if single else result
 
 
-FAMILIES = {"dual_encoder": DualEncoder}
+FAMILIES: dict[str, type[DualEncoder]] = {"dual_encoder": DualEncoder}  # others register on import
 
 
-def default_bundle_dir() -> Path:
-    """Where ``edgemm.load()`` finds (or builds) the default bundle: ``$EDGEMM_HOME/bundles/default``."""
+# Built-in models that load() builds from packaged weights on first use: name → (module, builder).
+DEFAULT_MODELS = {
+    "default": ("edgemm.export.models.dual_encoder", "build_default_bundle"),
+    "audio-visual": ("edgemm.export.models.audio_visual", "build_audio_visual_bundle"),
+}
+
+
+def default_bundle_dir(name: str = "default") -> Path:
+    """Where ``edgemm.load()`` finds (or builds) a built-in model: ``$EDGEMM_HOME/bundles/<name>``."""
     home = os.environ.get("EDGEMM_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "edgemm")
-    return Path(home) / "bundles" / "default"
+    return Path(home) / "bundles" / name
 
 
-def load(path: str | os.PathLike | None = None, *, backend: str = "onnxruntime",
+def _build_default(name: str) -> Path:
+    import importlib
+
+    if name not in DEFAULT_MODELS:
+        raise InputError(f"no built-in model {name!r}; choose one of {sorted(DEFAULT_MODELS)}.")
+    path = default_bundle_dir(name)
+    if not (path / "manifest.json").is_file():
+        module, builder = DEFAULT_MODELS[name]
+        try:
+            build = getattr(importlib.import_module(module), builder)
+        except ImportError as e:
+            raise BundleError(
+                f"the {name} bundle is not at {path} and cannot be built here ({e}). Build it on a workstation "
+                f"with pip install 'edgemm[export]' and 'edgemm export {name} -o DIR', then load(DIR)."
+            ) from e
+        build(path, overwrite=path.exists())
+    return path
+
+
+def load(path: str | os.PathLike | None = None, *, default: str = "default", backend: str = "onnxruntime",
          providers: Sequence[str] = ("cpu",), threads: int | None = None, check_hashes: bool = True) -> DualEncoder:
-    """Load a bundle; with no path, the default model (built on first use).
+    """Load a bundle; with no path, a built-in model (built on first use).
 
     Args:
-        path: Bundle directory. ``None`` means the default bundle under
+        path: Bundle directory. ``None`` means the built-in model ``default`` under
             ``$EDGEMM_HOME`` (``~/.cache/edgemm``), built from packaged weights the
             first time if the ``export`` extra is installed.
+        default: Which built-in model when ``path`` is ``None``: ``"default"`` (the
+            dual encoder) or ``"audio-visual"``.
         backend: Backend name (``"onnxruntime"``).
         providers: Execution providers, e.g. ``("cpu",)``, ``("cuda",)``; an unavailable one is an error.
         threads: Intra-op threads per graph; ``None`` uses every core.
         check_hashes: Verify every bundle file against the manifest's sha256.
 
     Returns:
-        The model.
+        The model: a :class:`DualEncoder`, or the family's subclass (e.g. :class:`AudioVisual`).
 
     Raises:
         BundleError: Missing, altered or unsupported bundle.
         BackendError: The backend or a provider is unavailable.
     """
     if path is None:
-        path = default_bundle_dir()
-        if not (path / "manifest.json").is_file():
-            try:
-                from edgemm.export.models.dual_encoder import build_default_bundle
-            except ImportError as e:
-                raise BundleError(
-                    f"the default bundle is not at {path} and cannot be built here ({e}). Build it on a "
-                    "workstation with pip install 'edgemm[export]' and 'edgemm export default -o DIR', then load(DIR)."
-                ) from e
-            build_default_bundle(path, overwrite=path.exists())
+        path = _build_default(default)
     bundle = Bundle(path, check_hashes=check_hashes)
     family = FAMILIES.get(bundle.manifest.family)
     if family is None:

@@ -89,3 +89,20 @@ def tiny_clip_bundle(tiny_clip_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "tiny-clip"
     build_clip_bundle(tiny_clip_dir, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def av_bundle(tmp_path_factory) -> Path:
+    """The default audio-visual bundle (default towers + SoundNet-8), exported and verified."""
+    from edgemm.export.models.audio_visual import build_audio_visual_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "audio-visual"
+    build_audio_visual_bundle(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def av_model(av_bundle):
+    import edgemm
+
+    return edgemm.load(av_bundle, threads=2)

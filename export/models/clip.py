@@ -388,9 +388,7 @@ def build_clip_bundle(folder: str | Path, out_dir: str | Path, *, name: str | No
             family=FAMILY,
             embedding_dim=ckpt.embedding_dim,
             precision="fp32",
-            graphs={spec.role: {"file": spec.file, "inputs": [vars(t) for t in spec.inputs],
-                                "outputs": [vars(t) for t in spec.outputs]}
-                    for spec in (image_spec, text_spec)},
+            graphs={spec.role: spec.manifest_entry() for spec in (image_spec, text_spec)},
             image=vars(ckpt.image_spec),
             text={"tokenizer": "tokenizer.json", "max_length": ckpt.max_length, "pad_id": ckpt.pad_id,
                   "padding": ckpt.arch.padding},

