@@ -77,6 +77,17 @@ class Scoring:
 
 
 @dataclass(frozen=True)
+class Fusion:
+    """How a fusion bundle feeds its ``fusion`` graph and reads its logits."""
+
+    task: str  # "matching": one logit, does the text describe the image; "classification": logits over `labels`
+    architecture: str  # "early", "late", "gated" or "cross_attention" (what the graph holds)
+    inputs: dict[str, str]  # fusion-graph input → "<graph role>/<output name>", or "tokens/attention_mask"
+    labels: str | None = None  # classification: JSON list of the class names, in logit order
+    threshold: float = 0.5  # matching: probability from which a pair counts as a match (picked on validation)
+
+
+@dataclass(frozen=True)
 class Labels:
     file: str  # JSON list of default label names, relative to the bundle
     prompt: str = "{}"  # template a label is put in before embedding
@@ -97,6 +108,7 @@ class Manifest:
     files: dict[str, str]  # every file of the bundle (but the manifest) → sha256 hex digest
     verification: dict[str, Any] = field(default_factory=dict)  # graph → figures measured at export
     audio: AudioPreprocess | None = None  # audio-visual bundles
+    fusion: Fusion | None = None  # fusion bundles
     source: dict[str, Any] = field(default_factory=dict)  # what the model was built from
     tools: dict[str, str] = field(default_factory=dict)  # package → version that made the bundle
     created: str = ""  # ISO 8601 UTC time of export
@@ -144,6 +156,7 @@ class Manifest:
                 files=dict(data["files"]),
                 verification=dict(data.get("verification", {})),
                 audio=AudioPreprocess(**data["audio"]) if data.get("audio") else None,
+                fusion=Fusion(**data["fusion"]) if data.get("fusion") else None,
                 source=dict(data.get("source", {})),
                 tools=dict(data.get("tools", {})),
                 created=str(data.get("created", "")),

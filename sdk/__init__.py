@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from edgemm._av import AudioVisual, AVFit, AVResult, AVStream, fit_av_fusion, save_av_fusion
+from edgemm._fusion import FusionModel
 from edgemm._index import Hit, VectorIndex
 from edgemm._model import DualEncoder, Prediction, default_bundle_dir, load
 from edgemm.runtime.errors import (
@@ -33,6 +34,7 @@ __all__ = [
     "DualEncoder",
     "EdgemmError",
     "ExportError",
+    "FusionModel",
     "Hit",
     "InputError",
     "MissingDependencyError",

@@ -259,6 +259,8 @@ class VectorIndex:
         k: int = 10,
         *,
         filter: Callable[[dict | None], bool] | None = None,
+        rerank: int | None = None,
+        reranker: Callable[[int, np.ndarray, Sequence[Hit]], np.ndarray] | None = None,
     ) -> list[list[Hit]]:
         """Find the ``k`` best-scoring stored vectors for each query, exactly.
 
@@ -268,6 +270,12 @@ class VectorIndex:
             filter: Optional ``filter(metadata) -> bool``; only vectors for which
                 it returns true are searched. It is called once per stored
                 vector per call, in Python, so it is slow on large indexes.
+            rerank: Rescore the vector search's top ``rerank`` (≥ k) with
+                ``reranker`` and return its best ``k``; hit scores are then the
+                reranker's (e.g. a match probability).
+            reranker: ``reranker(query_number, candidate_vectors, hits) -> scores``,
+                e.g. ``model.reranker(texts)`` of a fusion model. It runs after
+                the index lock is released, so writers are not held up.
 
         Returns:
             One list per query (also for a single 1-D query) of up to ``k`` hits,
@@ -278,12 +286,23 @@ class VectorIndex:
 
         Raises:
             InputError: If the queries are of the wrong shape or dimension, not
-                finite, zero-norm under the cosine metric, or ``k`` is not a
-                positive int.
+                finite, zero-norm under the cosine metric, ``k`` is not a
+                positive int, or ``rerank`` comes without a reranker (or below k).
         """
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
             raise InputError(f"k must be a positive int, got {k!r}.")
         k = int(k)
+        if rerank is not None:
+            if isinstance(rerank, bool) or not isinstance(rerank, (int, np.integer)) or rerank < k:
+                raise InputError(f"rerank must be an int ≥ k ({k}): how many vector hits to rescore; got {rerank!r}.")
+            if not callable(reranker):
+                raise InputError("rerank needs reranker=, e.g. model.reranker(texts) of a fusion model.")
+            hits = self._search(queries, int(rerank), filter, keep_vectors=True)
+            return [_rerank(q, found, vectors, reranker, k) for q, (found, vectors) in enumerate(hits)]
+        return [found for found, _ in self._search(queries, k, filter, keep_vectors=False)]
+
+    def _search(self, queries: Any, k: int, filter: Callable[[dict | None], bool] | None,
+                keep_vectors: bool) -> list[tuple[list[Hit], np.ndarray | None]]:
         if filter is not None and not callable(filter):
             raise InputError(f"filter must be a callable metadata -> bool, got {type(filter).__name__}.")
         with self._lock:
@@ -304,7 +323,7 @@ class VectorIndex:
                 base = self._data[rows]
             n = base.shape[0]
             if n == 0:
-                return [[] for _ in range(q.shape[0])]
+                return [([], None) for _ in range(q.shape[0])]
             k = min(k, n)
 
             # Even chunks under the memory budget: 1000 queries become 2 x 500, not 671 + 329.
@@ -312,7 +331,7 @@ class VectorIndex:
             n_chunks = -(-q.shape[0] // max_chunk)
             chunk = -(-q.shape[0] // n_chunks)
             ids, metadata = self._ids, self._metadata
-            results: list[list[Hit]] = []
+            results: list[tuple[list[Hit], np.ndarray | None]] = []
             for start in range(0, q.shape[0], chunk):
                 qc = q[start : start + chunk]
                 scores = np.empty((qc.shape[0], n), dtype=np.float32)
@@ -322,7 +341,8 @@ class VectorIndex:
                 if rows is not None:
                     top_rows = rows[top_rows]
                 for r_list, s_list in zip(top_rows.tolist(), top_scores.tolist()):
-                    results.append([Hit(ids[r], s, metadata[r]) for r, s in zip(r_list, s_list)])
+                    vectors = self._data[r_list].copy() if keep_vectors else None
+                    results.append(([Hit(ids[r], s, metadata[r]) for r, s in zip(r_list, s_list)], vectors))
             return results
 
     # ------------------------------------------------------------------ files
@@ -553,6 +573,18 @@ class VectorIndex:
                 f"ids {present[:10]!r} are already in the index; remove() them first or use new ids."
             )
         return out
+
+
+def _rerank(query: int, hits: list[Hit], vectors: np.ndarray | None,
+            reranker: Callable[[int, np.ndarray, Sequence[Hit]], np.ndarray], k: int) -> list[Hit]:
+    if not hits:
+        return []
+    scores = np.asarray(reranker(query, vectors, hits), dtype=np.float64).reshape(-1)
+    if len(scores) != len(hits) or not np.isfinite(scores).all():
+        raise InputError(f"the reranker returned {len(scores)} scores for {len(hits)} hits (or non-finite ones); "
+                         "it must return one finite score per hit.")
+    order = np.argsort(-scores, kind="stable")[:k]
+    return [Hit(hits[i].id, float(scores[i]), hits[i].metadata) for i in order]
 
 
 def _check_metadata(metadata: Sequence[dict | None] | None, n_new: int) -> list[dict | None]:

@@ -79,7 +79,11 @@ class ConseImageTower(nn.Module):
         self.top_k = top_k
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        probs = F.softmax(self.classifier(pixels) / self.temperature, dim=-1)
+        return self.join(self.classifier(pixels))
+
+    def join(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class logits → (text-space embedding, class probabilities)."""
+        probs = F.softmax(logits / self.temperature, dim=-1)
         kth = probs.topk(self.top_k, dim=-1).values[:, -1:]
         weights = probs * (probs >= kth).to(probs.dtype)
         embedding = F.normalize(weights @ self.class_embeddings, dim=-1)
@@ -141,8 +145,54 @@ def _unique(names: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def write_default_towers(w: BundleWriter, step: Callable[[str], None]) -> dict[str, Any]:
+class TokenImageTower(nn.Module):
+    """The default image tower that also outputs its 7x7 feature grid as patch tokens (N, 49, 1280)."""
+
+    def __init__(self, tower: ConseImageTower):
+        super().__init__()
+        self.tower = tower
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        grid = self.tower.classifier.forward_features(pixels)
+        embedding, probs = self.tower.join(self.tower.classifier.forward_head(grid))
+        return embedding, probs, grid.flatten(2).transpose(1, 2)
+
+
+class TokenTextTower(nn.Module):
+    """A text tower that also outputs its token states (N, T, dim), zero at padding."""
+
+    def __init__(self, tower: MeanPoolTextTower):
+        super().__init__()
+        self.tower = tower
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        states = self.tower.token_states(input_ids, attention_mask)
+        mask = attention_mask.unsqueeze(-1).to(states.dtype)
+        pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return F.normalize(pooled, dim=-1), states * mask
+
+
+# Fusion heads that read tokens need these towers; the roles stay "image_encoder"/"text_encoder", so they
+# are not in the role registry (DualEncoder reads "embedding"/"class_probs" from either).
+IMAGE_TOKENS_ENCODER = ExportSpec(
+    role="image_encoder", family="fusion", inputs=IMAGE_ENCODER.inputs,
+    outputs=(*IMAGE_ENCODER.outputs, TensorSpec("image_tokens", "float32", ["batch", 49, 1280])),
+    dummy_inputs=IMAGE_ENCODER.dummy_inputs, atol=IMAGE_ENCODER.atol)
+TEXT_TOKENS_ENCODER = ExportSpec(
+    role="text_encoder", family="fusion", inputs=TEXT_ENCODER.inputs,
+    outputs=(*TEXT_ENCODER.outputs, TensorSpec("text_tokens", "float32", ["batch", "seq", 384])),
+    dummy_inputs=TEXT_ENCODER.dummy_inputs, atol=TEXT_ENCODER.atol)
+
+
+def write_default_towers(w: BundleWriter, step: Callable[[str], None], *, image_tokens: bool = False,
+                         text_tokens: bool = False) -> dict[str, Any]:
     """Export and verify the default image and text towers into a staged bundle.
+
+    Args:
+        w: The bundle being written.
+        step: Progress callback.
+        image_tokens: Also output the image's patch tokens (for cross-attention fusion heads).
+        text_tokens: Also output the text's token states.
 
     Returns:
         The manifest fields they make (graphs, preprocessing, scoring, labels,
@@ -153,18 +203,21 @@ def write_default_towers(w: BundleWriter, step: Callable[[str], None]) -> dict[s
     """
     step("building towers from packaged weights")
     image, text, names = default_towers()
+    image_spec, image_module = (IMAGE_TOKENS_ENCODER, TokenImageTower(image)) if image_tokens else (IMAGE_ENCODER, image)
+    text_spec, text_module = (TEXT_TOKENS_ENCODER, TokenTextTower(text.tower)) if text_tokens else (TEXT_ENCODER,
+                                                                                                    text.tower)
     step("exporting image_encoder.onnx")
-    export_onnx(image, IMAGE_ENCODER, w.path(IMAGE_ENCODER.file))
+    export_onnx(image_module, image_spec, w.path(image_spec.file))
     step("verifying image_encoder against PyTorch on sample photos")
     photos = [p.image for p in sample_photos()]
     pixels = reference_pixels(photos)
-    image_report = verify_onnx(image, IMAGE_ENCODER, w.path(IMAGE_ENCODER.file),
+    image_report = verify_onnx(image_module, image_spec, w.path(image_spec.file),
                                [{"pixels": pixels[:1]}, {"pixels": pixels}], description="real sample photos")
     step("exporting text_encoder.onnx")
-    export_onnx(text.tower, TEXT_ENCODER, w.path(TEXT_ENCODER.file))
+    export_onnx(text_module, text_spec, w.path(text_spec.file))
     step("verifying text_encoder against PyTorch on real sentences")
     sentences = list(SAMPLE_SENTENCES)
-    text_report = verify_onnx(text.tower, TEXT_ENCODER, w.path(TEXT_ENCODER.file),
+    text_report = verify_onnx(text_module, text_spec, w.path(text_spec.file),
                               [text.feeds(sentences[:1]), text.feeds(sentences), text.feeds(names[:64])],
                               description="real sentences and class names")
     w.path("tokenizer.json").write_bytes((minilm_dir() / "tokenizer.json").read_bytes())
@@ -173,7 +226,7 @@ def write_default_towers(w: BundleWriter, step: Callable[[str], None]) -> dict[s
     return dict(
         embedding_dim=int(image.class_embeddings.shape[1]),
         precision="fp32",
-        graphs={spec.role: spec.manifest_entry() for spec in (IMAGE_ENCODER, TEXT_ENCODER)},
+        graphs={spec.role: spec.manifest_entry() for spec in (image_spec, text_spec)},
         image=vars(DEFAULT_IMAGE),
         text={"tokenizer": "tokenizer.json", "max_length": TEXT_MAX_LENGTH, "pad_id": int(text.tokenizer.pad_token_id)},
         scoring={"kind": "class_space", "class_embeddings": "class_embeddings.npy",
