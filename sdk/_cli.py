@@ -229,6 +229,41 @@ def cmd_classify_av(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from edgemm.export.fusion_train import TrainOptions
+    from edgemm.export.models.fusion_bundle import train_fusion_bundle
+
+    options = TrainOptions(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                           modality_dropout=args.modality_dropout, patience=args.patience,
+                           val_fraction=args.val_fraction, seed=args.seed)
+    bars: dict[str, tqdm] = {}
+
+    def progress(stage: str, done: int, total: int, metrics: dict[str, Any]) -> None:
+        bar = bars.get(stage)
+        if bar is None:
+            bar = bars[stage] = tqdm(total=total, desc="tower features" if stage == "features" else "training",
+                                     unit="item" if stage == "features" else "epoch", disable=args.quiet)
+        bar.update(done - bar.n)
+        if metrics:
+            bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if isinstance(v, float)})
+
+    manifest, report = train_fusion_bundle(args.data, args.output, architecture=args.architecture, options=options,
+                                           tanh_gate=args.tanh_gate, cache_dir=args.cache, overwrite=args.force,
+                                           progress=progress)
+    for bar in bars.values():
+        bar.close()
+    if args.json:
+        _print_json({"report": report.to_dict(), "verification": manifest.verification["fusion"]})
+        return 0
+    print(report.summary())
+    diff = manifest.verification["fusion"]["max_abs_diff"]
+    print(f"verified fusion head: max abs diff {max(diff.values()):.1e} on {manifest.verification['fusion']['inputs']}")
+    print(f"wrote {args.output}")
+    return 0
+
+
 def cmd_embed(args: argparse.Namespace) -> int:
     model = _load(args)
     if bool(args.images) == bool(args.texts):
@@ -375,6 +410,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", "--top-k", type=int, default=3)
     runtime_options(p)
     p.set_defaults(func=cmd_classify_av)
+
+    p = sub.add_parser("train", help="train a model on your data and export it as a verified bundle")
+    p.add_argument("kind", choices=("fusion",), help="'fusion': an image+text classifier over frozen default towers")
+    p.add_argument("data", help="a CSV with columns image,text,label (paths relative to it), or a folder with data.csv")
+    p.add_argument("--architecture", default="gated", choices=("early", "late", "gated", "cross_attention"))
+    p.add_argument("--tanh-gate", action="store_true", help="cross_attention: Flamingo-style gated residuals")
+    p.add_argument("--modality-dropout", type=float, default=0.0,
+                   help="chance per training row of dropping the image or the text (robust to a missing one)")
+    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--patience", type=int, default=8, help="early stopping: epochs without a better validation loss")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="rows per label held out for validation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", help="feature cache folder (default: $EDGEMM_HOME/cache/fusion-features)")
+    p.add_argument("-o", "--output", required=True, help="bundle directory to create")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("embed", help="embed images or texts")
     p.add_argument("--images", nargs="+", help="image files or directories")
