@@ -259,6 +259,29 @@ def test_modality_dropout_zeroes_one_whole_modality_per_row():
     assert 25 < int(dropped.sum()) < 75
 
 
+def test_pair_batches_encode_each_image_once_with_the_same_result():
+    """Training through a pair index (shared image encodings, dropped images as a zero image) = row by row."""
+    from edgemm.export.fusion_train import _Rows
+
+    config = FusionConfig.default("cross_attention", hidden=32)
+    head = build_head(config).eval()
+    images = random_features(config, 5, 6, seed=1)
+    texts = random_features(config, 9, 6, seed=2)
+    features = {**{k: images[k] for k in ("image_embedding", "image_tokens")},
+                **{k: texts[k] for k in ("text_embedding", "text_tokens", "text_mask")}}
+    pairs = (np.array([0, 0, 1, 4, 4, 4, 2, 3, 1, 0]), np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 0]))
+    direct = {k: v[pairs[0] if k.startswith("image") else pairs[1]] for k, v in features.items()}
+    rows = torch.arange(10)
+    out = {}
+    with torch.no_grad():
+        for p in (0.0, 0.6):
+            shared = _Rows(head.input_names, features, pairs).logits(head, rows, p, torch.Generator().manual_seed(3))
+            single = _Rows(head.input_names, direct, None).logits(head, rows, p, torch.Generator().manual_seed(3))
+            assert torch.allclose(shared, single, atol=1e-5), p
+            out[p] = shared
+    assert not torch.allclose(out[0.0], out[0.6])  # some rows did lose a modality
+
+
 def test_modality_dropout_teaches_the_head_to_do_without_a_modality():
     """Topic classification where either modality suffices; at test time the text is missing."""
     rng = np.random.default_rng(5)
