@@ -19,10 +19,10 @@ def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, ensure_ascii=False))
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, default: str = "default"):
     from edgemm._model import load
 
-    return load(args.bundle, providers=tuple(args.providers.split(",")), threads=args.threads)
+    return load(args.bundle, default=default, providers=tuple(args.providers.split(",")), threads=args.threads)
 
 
 def _image_paths(items: list[str]) -> list[Path]:
@@ -202,11 +202,10 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 def cmd_classify_av(args: argparse.Namespace) -> int:
     from edgemm._av import AudioVisual
-    from edgemm._model import load
 
     if not args.frames and not args.audio:
         raise InputError("give --frames, --audio or both.")
-    model = load(args.bundle, default="audio-visual", providers=tuple(args.providers.split(",")), threads=args.threads)
+    model = _load(args, default="audio-visual")
     if not isinstance(model, AudioVisual):
         raise InputError(f"bundle '{model.bundle.path}' is a {model.manifest.family} bundle, not audio-visual; "
                          "build one with 'edgemm export audio-visual -o DIR'.")

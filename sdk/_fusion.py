@@ -86,8 +86,8 @@ class FusionModel(DualEncoder):
         self.classes: tuple[str, ...] = tuple(bundle.read_json(f.labels)) if f.labels else ()
         if f.task == "classification" and not self.classes:
             raise BundleError(f"bundle '{bundle.path}': a classification head needs its class names (fusion.labels).")
-        self.image_only_embedding = {r for r, _ in self._sources.values() if r == "image_encoder"} and all(
-            o == "embedding" for r, o in self._sources.values() if r == "image_encoder")
+        # A head that reads only the image embedding can rerank from an index's stored vectors.
+        self.image_only_embedding = {o for r, o in self._sources.values() if r == "image_encoder"} == {"embedding"}
 
     def __repr__(self) -> str:
         return (f"FusionModel({str(self.bundle.path)!r}, task={self.fusion.task!r}, "
