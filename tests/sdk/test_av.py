@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import threading
 from pathlib import Path
 
@@ -12,6 +10,7 @@ import numpy as np
 import pytest
 
 import edgemm
+from clirun import run_cli
 from edgemm.runtime.audio import read_wav
 
 ALSA = Path("/usr/share/sounds/alsa")
@@ -176,19 +175,15 @@ def test_cli_classify_av(av_bundle, frames, tmp_path):
     folder.mkdir()
     for i in range(3):
         Image.fromarray(frames["chelsea"]).save(folder / f"{i:03d}.png")
-    out = subprocess.run(["edgemm", "classify-av", "--bundle", str(av_bundle), "--frames", str(folder), "--audio",
-                          str(NOISE), "--labels", *LABELS, "--threads", "1", "--json"],
-                         capture_output=True, text=True, check=True)
+    out = run_cli("classify-av", "--bundle", av_bundle, "--frames", folder, "--audio", NOISE,
+                  "--labels", *LABELS, "--threads", "1", "--json")
     result = json.loads(out.stdout)
     assert result["modalities"] == ["video", "audio"] and result["frames"] == 3
     assert result["predictions"][0]["label"] in ("a cat", "the sea")
-    bad = subprocess.run(["edgemm", "classify-av", "--bundle", str(av_bundle), "--audio", str(folder / "000.png")],
-                         capture_output=True, text=True)
+    bad = run_cli("classify-av", "--bundle", av_bundle, "--audio", folder / "000.png", check=False)
     assert bad.returncode == 2 and "not a WAV" in bad.stderr
 
 
 def test_a_dual_encoder_bundle_is_not_audio_visual(default_bundle):
-    out = subprocess.run(["edgemm", "classify-av", "--bundle", str(default_bundle), "--audio", str(NOISE)],
-                         capture_output=True, text=True)
+    out = run_cli("classify-av", "--bundle", default_bundle, "--audio", NOISE, check=False)
     assert out.returncode == 2 and "not audio-visual" in out.stderr
-    assert shutil.which("edgemm")

@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from edgemm.runtime.manifest import SCHEMA_VERSION
+from clirun import run_cli as run
 
 
-def run(*args, check=True):
-    out = subprocess.run([sys.executable, "-m", "edgemm._cli", *map(str, args)], capture_output=True, text=True)
-    if check:
-        assert out.returncode == 0, out.stderr
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +20,17 @@ def image_dir(tmp_path_factory, photos):
     for p in photos[:7]:
         Image.fromarray(p.image).save(d / f"{p.name}.jpg", quality=95)
     return d
+
+
+def test_the_console_script_is_installed_next_to_this_python():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / "edgemm"
+    assert script.is_file(), "pip install -e . should install the edgemm console script"
+    out = subprocess.run([script, "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "classify-av" in out.stdout and "train" in out.stdout
 
 
 def test_info(default_bundle):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
 import unicodedata
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 import torch
 
 import edgemm
+from clirun import run_cli
 from edgemm.runtime.datasets import EMOJI_FONT, emoji
 
 pytestmark = pytest.mark.skipif(not EMOJI_FONT.is_file(), reason="apt-get install fonts-noto-color-emoji")
@@ -52,10 +52,8 @@ def emoji_rows(tmp_path_factory):
 def trained(emoji_rows, tmp_path_factory):
     folder, _ = emoji_rows
     out = tmp_path_factory.mktemp("fusion") / "blocks"
-    run = subprocess.run(["edgemm", "train", "fusion", str(folder), "--architecture", "early", "--epochs", "15",
-                          "--cache", str(out.parent / "cache"), "-o", str(out), "--json", "-q"],
-                         capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
+    run = run_cli("train", "fusion", folder, "--architecture", "early", "--epochs", "15",
+                  "--cache", out.parent / "cache", "-o", out, "--json", "-q")
     return out, json.loads(run.stdout)
 
 
@@ -81,9 +79,7 @@ def test_train_reuses_cached_features(emoji_rows, trained, tmp_path):
     out = tmp_path / "again"
     cache = Path(trained[0]).parent / "cache"
     before = len(list(cache.rglob("*.npz")))
-    run = subprocess.run(["edgemm", "train", "fusion", str(folder), "--architecture", "gated", "--epochs", "2",
-                          "--cache", str(cache), "-o", str(out), "-q"], capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
+    run_cli("train", "fusion", folder, "--architecture", "gated", "--epochs", "2", "--cache", cache, "-o", out, "-q")
     assert len(list(cache.rglob("*.npz"))) == before and before > 0
 
 
@@ -93,8 +89,7 @@ def test_train_rejects_a_csv_with_missing_files_and_writes_nothing(emoji_rows, t
     lines = ["image,text,label"] + [f"{folder / r['image']},{r['text']},{r['label']}" for r in rows[:10]]
     lines.append(f"{folder / 'images' / 'nope.png'},ghost,emoticons")
     bad.write_text("\n".join(lines) + "\n")
-    run = subprocess.run(["edgemm", "train", "fusion", str(bad), "-o", str(tmp_path / "out"), "-q"],
-                         capture_output=True, text=True)
+    run = run_cli("train", "fusion", bad, "-o", tmp_path / "out", "-q", check=False)
     assert run.returncode == 2 and "nope.png" in run.stderr
     assert not (tmp_path / "out").exists()
 
