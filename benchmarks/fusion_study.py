@@ -54,19 +54,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
-from edgemm.export.fusion_train import Example, TrainOptions, cache_features, predict_logits, train_head
+from edgemm.export.fusion_train import Example, TrainOptions, cache_features, train_head
 from edgemm.export.models.dual_encoder import default_towers
 from edgemm.export.models.fusion import FusionConfig, FusionHead, fusion_spec
+from edgemm.export.models.matching import (SEED, balanced_pairs, evaluate, head_scorer, ranking, split_rows,
+                                           training_data)
 from edgemm.export.onnx_export import export_onnx
 from edgemm.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from edgemm.runtime.datasets import emoji
 
 from _common import device_info, limit_native_threads  # shared helpers beside this script
 
-SEED = 0
-SPLIT = (0.7, 0.1)  # train and validation fractions; the rest is the test split
 PROMPTS = ("{}", "an emoji of {}")
 # Negatives per image (hard, random) tried for training; the study keeps the mix whose
 # "early + pooled patches" head does best on the validation split.
@@ -104,38 +103,6 @@ Scorer = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (image rows, text row
 # --------------------------------------------------------------------------- data and mining
 
 
-def split_rows(n: int) -> dict[str, np.ndarray]:
-    order = np.random.default_rng(SEED).permutation(n)
-    a, b = int(SPLIT[0] * n), int((SPLIT[0] + SPLIT[1]) * n)
-    return {"train": np.sort(order[:a]), "val": np.sort(order[a:b]), "test": np.sort(order[b:])}
-
-
-def negative_permutations(rows: np.ndarray, sim: np.ndarray, hard: int, random: int,
-                          rng: np.random.Generator) -> list[np.ndarray]:
-    """Permutations of ``rows`` pairing each image with a wrong name, never reusing a pair.
-
-    The first ``hard`` maximise the total dual-encoder cosine (an exact assignment), the rest are random.
-    """
-    s = sim[np.ix_(rows, rows)]
-    used = np.eye(len(rows), dtype=bool)
-    out = []
-    for i in range(hard + random):
-        weights = s if i < hard else rng.random(s.shape)
-        _, cols = linear_sum_assignment(np.where(used, -1e6, weights), maximize=True)
-        used[np.arange(len(rows)), cols] = True
-        out.append(rows[cols])
-    return out
-
-
-def permutation_pairs(rows: np.ndarray, sim: np.ndarray, hard: int, random: int,
-                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(image rows, text rows, 0/1) with one positive and hard + random negatives per image."""
-    negatives = negative_permutations(rows, sim, hard, random, rng)
-    images = np.tile(rows, 1 + len(negatives))
-    texts = np.concatenate([rows, *negatives])
-    return images, texts, np.r_[np.ones(len(rows)), np.zeros(len(rows) * len(negatives))].astype(np.int64)
-
-
 def top_ranked_pairs(rows: np.ndarray, sim: np.ndarray, hard: int, random: int,
                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The naive mining: each image's top-ranked wrong names plus random ones (for the mining check)."""
@@ -152,43 +119,6 @@ def top_ranked_pairs(rows: np.ndarray, sim: np.ndarray, hard: int, random: int,
 
 
 # --------------------------------------------------------------------------- metrics
-
-
-def best_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
-    candidates = np.unique(scores)
-    cuts = np.r_[candidates[0] - 1, (candidates[1:] + candidates[:-1]) / 2, candidates[-1] + 1]
-    accuracy = [((scores > c) == labels).mean() for c in cuts]
-    return float(cuts[int(np.argmax(accuracy))])
-
-
-def ranking(score: Scorer, rows: np.ndarray, sim: np.ndarray, k: int | None) -> dict[str, float]:
-    """Recall@1/@5 of each image's own name among the split's names, from the dual encoder's top k (None: all)."""
-    s = sim[np.ix_(rows, rows)]
-    k = len(rows) if k is None else k
-    shortlist = np.argsort(-s, axis=1, kind="stable")[:, :k]
-    scores = score(np.repeat(rows, k), rows[shortlist.ravel()]).reshape(len(rows), k)
-    order = np.take_along_axis(shortlist, np.argsort(-scores, axis=1, kind="stable"), axis=1)
-    truth = np.arange(len(rows))[:, None]
-    return {"r1": float((order[:, :1] == truth).any(1).mean()), "r5": float((order[:, :5] == truth).any(1).mean()),
-            "shortlist_recall": float((shortlist == truth).any(1).mean())}
-
-
-def evaluate(score: Scorer, splits: dict[str, np.ndarray], sim: np.ndarray,
-             balanced: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]) -> dict[str, Any]:
-    vi, vt, vy = balanced["val"]
-    threshold = best_threshold(score(vi, vt), vy)
-    ti, tt, ty = balanced["test"]
-    return {
-        "pair_accuracy": float(((score(ti, tt) > threshold) == ty).mean()),
-        "val_pair_accuracy": float(((score(vi, vt) > threshold) == vy).mean()),
-        "rerank": ranking(score, splits["test"], sim, RERANK_K),
-        "rank_all": ranking(score, splits["test"], sim, None),
-        "val_rank_all": ranking(score, splits["val"], sim, None),
-    }
-
-
-def head_scorer(head: FusionHead, features: dict[str, np.ndarray]) -> Scorer:
-    return lambda images, texts: predict_logits(head, features, pairs=(images, texts))[:, 0]
 
 
 def gather(features: dict[str, np.ndarray], names: tuple[str, ...], images: np.ndarray,
@@ -260,16 +190,6 @@ def features_for(prompt: str, pairs: list[tuple[str, np.ndarray]], towers: Any, 
     return cache_features(towers, examples, cache, progress)
 
 
-def training_data(splits: dict[str, np.ndarray], sim: np.ndarray, hard: int, random: int) -> dict[str, Any]:
-    """Pairs over the training and validation splits, with the validation mask, for one negative mix."""
-    rng = np.random.default_rng(SEED)
-    train = permutation_pairs(splits["train"], sim, hard, random, rng)
-    val = permutation_pairs(splits["val"], sim, hard, random, rng)
-    return {"pairs": (np.r_[train[0], val[0]], np.r_[train[1], val[1]]), "targets": np.r_[train[2], val[2]],
-            "validation": np.r_[np.zeros(len(train[2]), bool), np.ones(len(val[2]), bool)],
-            "train_pairs": len(train[2]), "val_pairs": len(val[2])}
-
-
 def run(cache: Path, threads: int, mixes: tuple[tuple[int, int], ...] = MIXES) -> dict[str, Any]:
     t_start = time.perf_counter()
     pairs = emoji()
@@ -295,8 +215,7 @@ def run(cache: Path, threads: int, mixes: tuple[tuple[int, int], ...] = MIXES) -
     print(f"prompt {prompt!r} (validation recall@1 by cosine: "
           + ", ".join(f"{p!r} {v['val_rank_all']['r1']:.1%}" for p, v in prompts.items()) + ")", flush=True)
 
-    rng = np.random.default_rng(SEED + 1)
-    balanced = {s: permutation_pairs(splits[s], sim, 1, 0, rng) for s in ("val", "test")}
+    balanced = balanced_pairs(splits, sim)
 
     probe = next(v for v in VARIANTS if v.name == "early + pooled patches")
     mix_results = []
@@ -305,7 +224,7 @@ def run(cache: Path, threads: int, mixes: tuple[tuple[int, int], ...] = MIXES) -
         if len(mixes) > 1:
             head, _ = train_head(probe.config, features, data["targets"], probe.options, pairs=data["pairs"],
                                  validation=data["validation"])
-            m = evaluate(head_scorer(head, features), splits, sim, balanced)
+            m = evaluate(head_scorer(head, features), splits, sim, balanced, RERANK_K)
             mix_results.append({"hard": hard, "random": random, "val_pair_accuracy": m["val_pair_accuracy"],
                                 "val_rank_all_r1": m["val_rank_all"]["r1"]})
             print(f"negatives {hard} hard + {random} random: validation pair accuracy "
@@ -317,7 +236,7 @@ def run(cache: Path, threads: int, mixes: tuple[tuple[int, int], ...] = MIXES) -
         hard, random = mixes[0]
     data = training_data(splits, sim, hard, random)
 
-    baseline = evaluate(lambda i, t: sim[i, t], splits, sim, balanced)
+    baseline = evaluate(lambda i, t: sim[i, t], splits, sim, balanced, RERANK_K)
     print(f"dual encoder cosine: pair accuracy {baseline['pair_accuracy']:.1%}, "
           f"rank-all recall@1 {baseline['rank_all']['r1']:.1%}", flush=True)
 
@@ -328,7 +247,7 @@ def run(cache: Path, threads: int, mixes: tuple[tuple[int, int], ...] = MIXES) -
             head, report = train_head(variant.config, features, data["targets"], variant.options,
                                       pairs=data["pairs"], validation=data["validation"])
             train_seconds = time.perf_counter() - t0
-            metrics = evaluate(head_scorer(head, features), splits, sim, balanced)
+            metrics = evaluate(head_scorer(head, features), splits, sim, balanced, RERANK_K)
             latency = onnx_latency(head, features, splits["test"], sim, threads, Path(tmp))
             rows.append({"name": variant.name, "config": variant.config.to_dict(), "options": asdict(variant.options),
                          "embedding_only": variant.embedding_only, "inputs": list(head.input_names),
@@ -339,6 +258,7 @@ def run(cache: Path, threads: int, mixes: tuple[tuple[int, int], ...] = MIXES) -
                   f"{train_seconds:.0f} s, {latency['ms_per_pair']:.3f} ms/pair", flush=True)
 
     # The mining check: late fusion cannot see the pair, so any skill it shows comes from one side alone.
+    rng = np.random.default_rng(SEED + 1)  # balanced_pairs' generator, which its hard-only mining leaves unused
     naive_train = top_ranked_pairs(splits["train"], sim, hard, random, rng)
     naive_val = top_ranked_pairs(splits["val"], sim, hard, random, rng)
     late = next(v for v in VARIANTS if v.config.architecture == "late")
@@ -347,9 +267,9 @@ def run(cache: Path, threads: int, mixes: tuple[tuple[int, int], ...] = MIXES) -
                          validation=np.r_[np.zeros(len(naive_train[2]), bool), np.ones(len(naive_val[2]), bool)])
     naive_balanced = {s: top_ranked_pairs(splits[s], sim, 1, 0, rng) for s in ("val", "test")}
     check = {
-        "late_on_top_ranked_negatives": evaluate(head_scorer(head, features), splits, sim, naive_balanced)
+        "late_on_top_ranked_negatives": evaluate(head_scorer(head, features), splits, sim, naive_balanced, RERANK_K)
         ["pair_accuracy"],
-        "cosine_on_top_ranked_negatives": evaluate(lambda i, t: sim[i, t], splits, sim, naive_balanced)
+        "cosine_on_top_ranked_negatives": evaluate(lambda i, t: sim[i, t], splits, sim, naive_balanced, RERANK_K)
         ["pair_accuracy"],
         "late_on_permutation_negatives": next(r for r in rows if r["name"] == late.name)["pair_accuracy"],
     }

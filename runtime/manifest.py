@@ -85,6 +85,7 @@ class Fusion:
     inputs: dict[str, str]  # fusion-graph input → "<graph role>/<output name>", or "tokens/attention_mask"
     labels: str | None = None  # classification: JSON list of the class names, in logit order
     threshold: float = 0.5  # matching: probability from which a pair counts as a match (picked on validation)
+    rerank_cosine_weight: float = 0.0  # matching: a reranker scores head logit + this × the search's cosine (0: p)
 
 
 @dataclass(frozen=True)

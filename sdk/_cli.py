@@ -13,6 +13,7 @@ import numpy as np
 from edgemm.runtime.errors import EdgemmError, InputError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+EXPORT_STEPS = {"default": 6, "audio-visual": 9, "matching": 8, "clip": 6}  # progress steps of each builder
 
 
 def _print_json(obj: Any) -> None:
@@ -52,28 +53,25 @@ def _labels(args: argparse.Namespace) -> list[str] | None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    if args.model not in ("default", "audio-visual", "clip"):
-        raise InputError(f"unknown model {args.model!r}; export 'default', 'audio-visual' or 'clip --from FOLDER'.")
     if (args.model == "clip") != (args.source is not None):
         raise InputError("'edgemm export clip' needs --from FOLDER (a local Hugging Face CLIP/SigLIP folder); "
                          f"'edgemm export {args.model}' takes none.")
+    import importlib
+
     from tqdm import tqdm
 
-    steps = tqdm(total=9 if args.model == "audio-visual" else 6, desc=f"export {args.model}", unit="step",
-                 disable=args.quiet)
+    from edgemm._model import DEFAULT_MODELS
+
+    steps = tqdm(total=EXPORT_STEPS[args.model], desc=f"export {args.model}", unit="step", disable=args.quiet)
 
     def progress(message: str) -> None:
         steps.set_postfix_str(message)
         steps.update(1)
 
-    if args.model == "default":
-        from edgemm.export.models.dual_encoder import build_default_bundle
-
-        manifest = build_default_bundle(args.output, overwrite=args.force, progress=progress)
-    elif args.model == "audio-visual":
-        from edgemm.export.models.audio_visual import build_audio_visual_bundle
-
-        manifest = build_audio_visual_bundle(args.output, overwrite=args.force, progress=progress)
+    if args.model in DEFAULT_MODELS:
+        module, builder = DEFAULT_MODELS[args.model]
+        build = getattr(importlib.import_module(module), builder)
+        manifest = build(args.output, overwrite=args.force, progress=progress)
     else:
         from edgemm.export.models.clip import build_clip_bundle
 
@@ -228,6 +226,29 @@ def cmd_classify_av(args: argparse.Namespace) -> int:
     return 0
 
 
+def _matcher(model):
+    from edgemm._fusion import FusionModel
+
+    if not isinstance(model, FusionModel) or model.fusion.task != "matching":
+        raise InputError(f"bundle '{model.bundle.path}' has no image-text matching head; use the built-in one "
+                         "(leave out --bundle) or 'edgemm export matching -o DIR'.")
+    return model
+
+
+def cmd_match(args: argparse.Namespace) -> int:
+    model = _matcher(_load(args, default="matching"))
+    probs = np.atleast_1d(model.match(args.image, args.texts))
+    threshold = model.fusion.threshold
+    if args.json:
+        _print_json({"image": args.image, "threshold": threshold,
+                     "matches": [{"text": t, "probability": float(p), "match": bool(p >= threshold)}
+                                 for t, p in zip(args.texts, probs)]})
+        return 0
+    for text, p in zip(args.texts, probs):
+        print(f"{p:.3f}  {'match   ' if p >= threshold else 'no match'}  {text}")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -293,7 +314,8 @@ def cmd_index_add(args: argparse.Namespace) -> int:
     for start in tqdm(range(0, len(paths), args.batch_size), desc="embedding", unit="batch", disable=args.quiet):
         chunk = paths[start : start + args.batch_size]
         vectors = model.embed_images([str(p) for p in chunk], batch_size=args.batch_size)
-        index.add(vectors, ids=[str(p.absolute()) for p in chunk], metadata=[{"path": str(p)} for p in chunk])
+        index.add(vectors, ids=[str(p.absolute()) for p in chunk],
+                  metadata=[{"path": str(p.absolute())} for p in chunk])  # rerankers re-read images from it
     index.save(path)
     print(f"added {len(paths)} images; {path} now holds {len(index)}")
     return 0
@@ -304,10 +326,15 @@ def cmd_index_search(args: argparse.Namespace) -> int:
 
     if bool(args.text) == bool(args.image):
         raise InputError("give either --text or --image (one of them).")
+    if args.rerank is not None and not args.text:
+        raise InputError("--rerank scores images against a text query; give --text.")
     index = VectorIndex.load(args.index)
-    model = _load(args)
+    model = _load(args, default="matching" if args.rerank is not None else "default")
     query = model.embed_texts([args.text]) if args.text else model.embed_images([args.image])
-    hits = index.search(query, k=args.k)[0]
+    if args.rerank is None:
+        hits = index.search(query, k=args.k)[0]
+    else:
+        hits = index.search(query, k=args.k, rerank=args.rerank, reranker=_matcher(model).reranker([args.text]))[0]
     if args.json:
         _print_json([{"id": h.id, "score": h.score, "metadata": h.metadata} for h in hits])
         return 0
@@ -346,9 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser("export", help="build, export and verify a bundle")
-    p.add_argument("model", choices=("default", "audio-visual", "clip"),
+    p.add_argument("model", choices=tuple(EXPORT_STEPS),
                    help="'default': the packaged EfficientNet-Lite0 + MiniLM dual encoder; "
                         "'audio-visual': the default plus SoundNet-8 (frames + sound); "
+                        "'matching': the default plus its image-text matching head; "
                         "'clip': a local Hugging Face CLIPModel or SiglipModel folder given with --from")
     p.add_argument("--from", dest="source", help="checkpoint folder (config.json, weights, tokenizer, preprocessor config)")
     p.add_argument("--name", help="bundle name (default: the folder's name)")
@@ -397,6 +425,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", "--top-k", type=int, default=3)
     runtime_options(p)
     p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("match", help="how likely each text describes the image (an image-text matching head)")
+    p.add_argument("image", help="image file")
+    p.add_argument("texts", nargs="+", help="candidate descriptions")
+    runtime_options(p)
+    p.set_defaults(func=cmd_match)
 
     p = sub.add_parser("classify-av", help="zero-shot classify a clip from its frames and/or its sound")
     p.add_argument("--frames", nargs="+", help="the clip's frames: image files or a directory (in order)")
@@ -451,6 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--text", help="query text")
     q.add_argument("--image", help="query image file")
     q.add_argument("-k", type=int, default=5)
+    q.add_argument("--rerank", type=int, metavar="N", help="rescore the top N vector hits with an image-text "
+                   "matching head (default bundle: the built-in matching model)")
     runtime_options(q)
     q.set_defaults(func=cmd_index_search)
 

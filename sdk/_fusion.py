@@ -201,6 +201,12 @@ class FusionModel(DualEncoder):
         that needs image tokens re-reads each candidate image from its
         metadata's ``"path"`` (as ``edgemm index add`` stores it).
 
+        The new hit scores are the match probabilities, unless the bundle sets
+        ``fusion.rerank_cosine_weight`` w (the built-in matching model does,
+        picked on validation): then they are head logit + w × the search's
+        cosine, a ranking score that keeps what the vector search knew. Use
+        :meth:`match` for calibrated probabilities.
+
         Raises:
             InputError: Not a matching head, or bad texts.
         """
@@ -209,6 +215,7 @@ class FusionModel(DualEncoder):
         texts = _check_texts(texts)
         text = self.text_features(texts)
         embedding = self.manifest.graphs["image_encoder"].outputs[0].name
+        weight = self.fusion.rerank_cosine_weight
 
         def score(query: int, vectors: np.ndarray, hits: Sequence[Hit]) -> np.ndarray:
             if not 0 <= query < len(texts):
@@ -222,8 +229,10 @@ class FusionModel(DualEncoder):
                                      "(edgemm index add does) to rerank.")
                 image = self._run_images(paths, color, 32)
             rows_t = np.full(len(hits), query, np.intp)
-            logits = self._fuse(image, text, np.arange(len(hits)), rows_t, 64)[:, 0]
-            return _sigmoid(logits.astype(np.float64))
+            logits = self._fuse(image, text, np.arange(len(hits)), rows_t, 64)[:, 0].astype(np.float64)
+            if weight:
+                return logits + weight * np.array([h.score for h in hits], np.float64)
+            return _sigmoid(logits)
 
         return score
 

@@ -243,6 +243,7 @@ FAMILIES: dict[str, type[DualEncoder]] = {"dual_encoder": DualEncoder}  # others
 DEFAULT_MODELS = {
     "default": ("edgemm.export.models.dual_encoder", "build_default_bundle"),
     "audio-visual": ("edgemm.export.models.audio_visual", "build_audio_visual_bundle"),
+    "matching": ("edgemm.export.models.matching", "build_matching_bundle"),
 }
 
 
@@ -280,7 +281,8 @@ def load(path: str | os.PathLike | None = None, *, default: str = "default", bac
             ``$EDGEMM_HOME`` (``~/.cache/edgemm``), built from packaged weights the
             first time if the ``export`` extra is installed.
         default: Which built-in model when ``path`` is ``None``: ``"default"`` (the
-            dual encoder) or ``"audio-visual"``.
+            dual encoder), ``"audio-visual"`` or ``"matching"`` (the dual encoder
+            plus an image-text matching head).
         backend: Backend name (``"onnxruntime"``).
         providers: Execution providers, e.g. ``("cpu",)``, ``("cuda",)``; an unavailable one is an error.
         threads: Intra-op threads per graph; ``None`` uses every core.

@@ -45,7 +45,8 @@ def _verification_batches(names: Sequence[str], features: dict[str, np.ndarray])
 
 def build_fusion_bundle(out_dir: str | Path, head: FusionHead, config: FusionConfig, *, task: str,
                         verify_features: dict[str, np.ndarray], classes: Sequence[str] | None = None,
-                        threshold: float = 0.5, name: str = "fusion", training: dict[str, Any] | None = None,
+                        threshold: float = 0.5, rerank_cosine_weight: float = 0.0, name: str = "fusion",
+                        training: dict[str, Any] | None = None,
                         overwrite: bool = False, progress: Callable[[str], None] | None = None) -> Manifest:
     """Export the default towers and a trained fusion head as one verified bundle.
 
@@ -57,6 +58,7 @@ def build_fusion_bundle(out_dir: str | Path, head: FusionHead, config: FusionCon
         verify_features: Real tower features by name (held-out rows), to verify the exported head on.
         classes: Class names in logit order (classification).
         threshold: Matching: the probability from which a pair counts as a match.
+        rerank_cosine_weight: Matching: rerank by head logit + this × the search's cosine (0: the probability).
         name: Bundle name.
         training: What the training report says (recorded under ``source.training``).
         overwrite: Replace an existing bundle.
@@ -88,6 +90,8 @@ def build_fusion_bundle(out_dir: str | Path, head: FusionHead, config: FusionCon
                              description="held-out tower features")
         fusion = {"task": task, "architecture": config.architecture,
                   "inputs": {n: FEATURE_SOURCES[n] for n in names}, "threshold": float(threshold)}
+        if rerank_cosine_weight:
+            fusion["rerank_cosine_weight"] = float(rerank_cosine_weight)
         if classes:
             w.write_json("fusion_labels.json", list(classes))
             fusion["labels"] = "fusion_labels.json"
