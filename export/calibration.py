@@ -32,8 +32,8 @@ from edgemm.runtime.datasets import (
     sample_photos,
 )
 from edgemm.runtime.errors import InputError
+from edgemm.runtime.image import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 HOLD_OUT_EVERY = 5  # every fifth user file is held out for the gate
 
 

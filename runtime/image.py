@@ -23,6 +23,7 @@ from edgemm.runtime.errors import InputError
 from edgemm.runtime.manifest import ImagePreprocess
 
 COLOR_ORDERS = ("bgr", "rgb")
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 
 
 def center_crop_box(height: int, width: int, fraction: float) -> tuple[int, int, int]:

@@ -12,11 +12,13 @@ label set through the text tower, as :class:`DualEncoder` scores one image.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +28,7 @@ from edgemm.runtime.audio import AudioPreprocessor, to_mono
 from edgemm.runtime.backends import open_backend
 from edgemm.runtime.bundle import Bundle
 from edgemm.runtime.errors import BundleError, InputError
+from edgemm.runtime.image import IMAGE_SUFFIXES
 
 POOLINGS = ("mean", "attention")
 ATTENTION_TEMPERATURE = 0.5  # nats: a frame one nat less uncertain than another weighs e² ≈ 7× more
@@ -431,6 +434,68 @@ def fit_av_fusion(model: AudioVisual, clips: Sequence[tuple[Any, Any, str]], lab
     return AVFit(audio_weight=best[2], pooling=best[3], accuracy=best[0],
                  video_only=max(grid[p][0] for p in POOLINGS), audio_only=grid["mean"][-1],
                  grid=grid, weights=grid_weights, clips=len(clips))
+
+
+AV_COLUMNS = ("frames", "audio", "label")  # a clips CSV's header
+
+
+def _clip_frames(path: Path) -> list[str] | None:
+    if path.is_dir():
+        found = sorted(str(q) for q in path.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
+        return found or None
+    return [str(path)] if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES else None
+
+
+def read_av_clips(source: str | os.PathLike, labels: Sequence[str] | None = None,
+                  ) -> tuple[list[tuple[list[str], str, str]], list[str]]:
+    """Labelled clips from a CSV with the columns ``frames,audio,label``, every row checked before any work.
+
+    ``frames`` is an image file or a folder of frames (taken in name order),
+    ``audio`` a WAV file; relative paths are relative to the CSV's folder.
+
+    Args:
+        source: The CSV file.
+        labels: The label set; ``None`` takes the CSV's own labels (sorted).
+
+    Returns:
+        ``(frame paths, audio path, label)`` per clip (what :func:`fit_av_fusion` takes) and the label set.
+
+    Raises:
+        InputError: No such CSV, a wrong header, missing frames or audio (listed by line), a label
+            outside ``labels``, or fewer than two clips.
+    """
+    import csv
+
+    path = Path(source)
+    if not path.is_file():
+        raise InputError(f"clips file '{path}' does not exist; give a CSV with the columns {','.join(AV_COLUMNS)}.")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in AV_COLUMNS if c not in (reader.fieldnames or ())]
+        if missing:
+            raise InputError(f"'{path}' lacks the column(s) {', '.join(missing)}; its header must hold "
+                             f"{','.join(AV_COLUMNS)}.")
+        rows = [(n, row) for n, row in enumerate(reader, start=2)]
+    clips, problems = [], []
+    for n, row in rows:
+        frames = _clip_frames(path.parent / (row["frames"] or "").strip()) if (row["frames"] or "").strip() else None
+        audio = path.parent / (row["audio"] or "").strip()
+        label = (row["label"] or "").strip()
+        if frames is None:
+            problems.append(f"line {n}: frames '{row['frames']}' is not an image file or a folder of them")
+        if not (row["audio"] or "").strip() or not audio.is_file():
+            problems.append(f"line {n}: audio '{row['audio']}' does not exist")
+        if not label:
+            problems.append(f"line {n}: the label is empty")
+        elif labels is not None and label not in labels:
+            problems.append(f"line {n}: label {label!r} is not among the labels {list(labels)}")
+        clips.append((frames, str(audio), label))
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise InputError(f"'{path}': {len(problems)} bad row(s): {shown}. Fix them; nothing was fitted.")
+    if len(clips) < 2:
+        raise InputError(f"'{path}' holds {len(clips)} clip(s); fitting the fusion needs at least 2.")
+    return clips, list(labels) if labels is not None else sorted({c[2] for c in clips})
 
 
 def save_av_fusion(model: AudioVisual, fit: AVFit, out_dir: str, *, overwrite: bool = False) -> Bundle:

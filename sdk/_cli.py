@@ -11,8 +11,7 @@ from typing import Any
 import numpy as np
 
 from edgemm.runtime.errors import EdgemmError, InputError
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+from edgemm.runtime.image import IMAGE_SUFFIXES
 EXPORT_STEPS = {"default": 6, "audio-visual": 9, "matching": 8, "clip": 6}  # progress steps of each builder
 
 
@@ -249,6 +248,26 @@ def cmd_match(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_av(args: argparse.Namespace) -> int:
+    from edgemm._av import AudioVisual, fit_av_fusion, read_av_clips, save_av_fusion
+
+    clips, labels = read_av_clips(args.data, args.labels)
+    model = _load(args, default="audio-visual")
+    if not isinstance(model, AudioVisual):
+        raise InputError(f"bundle '{model.bundle.path}' is a {model.manifest.family} bundle, not audio-visual; "
+                         "build one with 'edgemm export audio-visual -o DIR'.")
+    fit = fit_av_fusion(model, clips, labels, steps=args.steps)
+    save_av_fusion(model, fit, args.output, overwrite=args.force)
+    if args.json:
+        _print_json(fit.to_dict())
+        return 0
+    print(f"fitted on {fit.clips} clips, {len(labels)} labels: audio weight {fit.audio_weight:.2f}, "
+          f"{fit.pooling} pooling, top-1 {fit.accuracy:.1%} (frames only {fit.video_only:.1%}, "
+          f"audio only {fit.audio_only:.1%})")
+    print(f"wrote {args.output}")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -445,7 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_classify_av)
 
     p = sub.add_parser("train", help="train a model on your data and export it as a verified bundle")
-    p.add_argument("kind", choices=("fusion",), help="'fusion': an image+text classifier over frozen default towers")
+    tsub = p.add_subparsers(dest="kind", required=True)
+    p = tsub.add_parser("fusion", help="an image+text classifier over frozen default towers")
     p.add_argument("data", help="a CSV with columns image,text,label (paths relative to it), or a folder with data.csv")
     p.add_argument("--architecture", default="gated", choices=("early", "late", "gated", "cross_attention"))
     p.add_argument("--tanh-gate", action="store_true", help="cross_attention: Flamingo-style gated residuals")
@@ -463,6 +483,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
+    p = tsub.add_parser("av", help="fit an audio-visual bundle's audio weight and frame pooling to labelled clips")
+    p.add_argument("data", help="a CSV with columns frames,audio,label (frames: an image or a folder; audio: a WAV)")
+    p.add_argument("--labels", nargs="+", help="the label set (default: the CSV's labels)")
+    p.add_argument("--steps", type=int, default=20, help="audio weights tried between 0 and 1")
+    p.add_argument("-o", "--output", required=True, help="bundle directory to create (a copy with the fit)")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle")
+    runtime_options(p)
+    p.set_defaults(func=cmd_train_av)
 
     p = sub.add_parser("embed", help="embed images or texts")
     p.add_argument("--images", nargs="+", help="image files or directories")

@@ -187,3 +187,26 @@ def test_cli_classify_av(av_bundle, frames, tmp_path):
 def test_a_dual_encoder_bundle_is_not_audio_visual(default_bundle):
     out = run_cli("classify-av", "--bundle", default_bundle, "--audio", NOISE, check=False)
     assert out.returncode == 2 and "not audio-visual" in out.stderr
+
+
+def test_cli_train_av_fits_labelled_clips_and_rejects_bad_rows(av_bundle, frames, tmp_path):
+    from PIL import Image
+
+    for name in ("chelsea", "rocket"):
+        (tmp_path / name).mkdir()
+        for i in range(2):
+            Image.fromarray(frames[name]).save(tmp_path / name / f"{i:03d}.png")
+    rows = ["frames,audio,label", f"chelsea,{NOISE},the sea", f"rocket,{VOICE},a person speaking",
+            f"rocket,{NOISE},the sea", f"chelsea/000.png,{VOICE},a person speaking"]
+    (tmp_path / "clips.csv").write_text("\n".join(rows) + "\n")
+    out = run_cli("train", "av", tmp_path / "clips.csv", "--bundle", av_bundle, "--steps", "10", "--threads", "1",
+                  "-o", tmp_path / "fitted", "--json")
+    fit = json.loads(out.stdout)
+    assert fit["clips"] == 4 and fit["accuracy"] == 1.0 and fit["audio_weight"] > 0
+    model = edgemm.load(tmp_path / "fitted", threads=1)
+    assert model.audio_weight == fit["audio_weight"] and model.manifest.source["av_fusion_fit"] == fit
+
+    (tmp_path / "bad.csv").write_text("\n".join([*rows[:2], "rocket,missing.wav,the sea", "nowhere,,music"]) + "\n")
+    bad = run_cli("train", "av", tmp_path / "bad.csv", "--bundle", av_bundle, "-o", tmp_path / "never", check=False)
+    assert bad.returncode == 2 and "line 3: audio 'missing.wav'" in bad.stderr and "line 4: frames" in bad.stderr
+    assert not (tmp_path / "never").exists()
