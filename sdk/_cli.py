@@ -248,6 +248,50 @@ def cmd_match(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from tqdm import tqdm
+
+    from edgemm._distill import DistillThresholds, distill_bundle, distill_summary
+    from edgemm.export.distill import DistillOptions
+
+    options = DistillOptions(threads=args.threads, seed=args.seed)
+    changes = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr),
+                                 ("max_steps", args.max_steps)) if v is not None}
+    options = replace(options, **changes)
+    bar = None
+
+    def progress(stage: str, done: int, total: int, metrics: dict[str, Any]) -> None:
+        nonlocal bar
+        if stage == "step":
+            if not args.quiet:
+                tqdm.write(metrics["message"], file=sys.stderr)
+            return
+        if bar is None:
+            bar = tqdm(total=total, desc="distilling", unit="step", disable=args.quiet, initial=done)
+        bar.update(done - bar.n)
+        shown = {k: f"{v:.4f}" for k, v in metrics.items() if k in ("loss", "held_out_mean_cosine")}
+        if shown:
+            bar.set_postfix(shown)
+
+    try:
+        manifest, info = distill_bundle(
+            args.bundle_path, args.output, tower=args.tower, student=args.student, data=args.data, options=options,
+            thresholds=DistillThresholds(mean_cosine=args.min_mean_cosine, retention=args.min_retention),
+            accept_degradation=args.accept_degradation, checkpoint_dir=args.checkpoint, restart=args.restart,
+            overwrite=args.force, threads=args.threads, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.json:
+        _print_json(info)
+        return 0
+    print(distill_summary(info))
+    print(f"wrote {args.output}")
+    return 0
+
+
 def cmd_train_av(args: argparse.Namespace) -> int:
     from edgemm._av import AudioVisual, fit_av_fusion, read_av_clips, save_av_fusion
 
@@ -444,6 +488,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", "--top-k", type=int, default=3)
     runtime_options(p)
     p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("distill", help="distil a bundle's text tower into a smaller, faster student (gated)")
+    p.add_argument("bundle_path", help="the teacher: an fp32 dual-encoder bundle")
+    p.add_argument("--tower", default="text", choices=("text",), help="the tower to replace with a student")
+    p.add_argument("--student", default="layers=3",
+                   help="layers=N (teacher layers kept, spread evenly), layers=I,J,K, optionally ,ffn=W; or a preset")
+    p.add_argument("--data", help="a text file (one text per line) or a folder of .txt files "
+                                  "(default: packaged ImageNet prompts and descriptions)")
+    p.add_argument("--epochs", type=int, help="most passes over the texts (default 3)")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-mean-cosine", type=float, default=0.95, help="gate: held-out text cosine to the teacher")
+    p.add_argument("--min-retention", type=float, default=0.95, help="gate: student / teacher zero-shot top-1")
+    p.add_argument("--accept-degradation", action="store_true", help="write the student even if it misses the gate")
+    p.add_argument("--checkpoint", help="training checkpoint folder (default: OUTPUT.distill; resumed when present)")
+    p.add_argument("--restart", action="store_true", help="discard an existing checkpoint instead of resuming it")
+    p.add_argument("-o", "--output", required=True, help="bundle directory to create")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle")
+    p.add_argument("--threads", type=int, default=None, help="training and measuring threads (default: all cores)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("match", help="how likely each text describes the image (an image-text matching head)")
     p.add_argument("image", help="image file")

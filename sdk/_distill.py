@@ -1,0 +1,345 @@
+"""``edgemm distill``: a bundle's text tower → a smaller student bundle that keeps its teacher's answers.
+
+The steps:
+
+1. Rebuild the teacher, the PyTorch model the bundle was exported from: the
+   default model from its packaged weights, or the user's checkpoint folder the
+   manifest records. It is checked against the bundle's own text graph first,
+   so a teacher that is not the bundle's fails before any training.
+2. Make the student (``edgemm.export.distill.text_student``: teacher layers
+   kept by selection, optionally narrower feed-forward blocks) and distil it on
+   the user's texts or the packaged corpus, with a held-out split kept apart by
+   group. Checkpoints go to ``<out>.distill/``; running the same command again
+   after an interruption resumes there.
+3. Export the student as the bundle's ``text_encoder.onnx`` (the same spec,
+   tokenizer and output space as the teacher's) and verify it against its
+   PyTorch module like every export.
+4. Gate the staged student bundle against the teacher bundle on held-out data
+   (the quantization gate's figures: embedding cosine, zero-shot top-1 of both
+   side by side, retrieval recall), plus zero-shot *retention* (student top-1 /
+   teacher top-1), and measure the text graph's speed-up at batch 32. A student
+   below the user's thresholds is not written unless the degradation is accepted.
+
+Everything happens in a staging directory; the bundle appears only at the end.
+This is workstation code: it needs the ``export`` extra (torch, transformers).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgemm._gate import GateThresholds, compare, measure, summary
+from edgemm._model import DualEncoder
+from edgemm.runtime.bundle import Bundle
+from edgemm.runtime.errors import BundleError, InputError, VerificationError
+
+TOWERS = ("text",)  # towers a student can replace (image students: not yet)
+TRAIN_MAX_LENGTH = 64  # tokens per training text (teacher and student see the same truncation)
+SPEED_BATCH = 32  # texts per call when timing teacher vs student
+SPEED_ROUNDS = 7  # alternating rounds; each times 3 calls per side
+TEACHER_MATCH = 0.9999  # least cosine between the rebuilt teacher and the bundle's text graph
+
+
+class DistillGateError(VerificationError):
+    """The student missed the retention thresholds; nothing was written."""
+
+    def __init__(self, message: str, report: dict[str, Any]):
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass(frozen=True)
+class DistillThresholds:
+    mean_cosine: float = 0.95  # text embedding cosine to the teacher, mean over held-out texts
+    retention: float = 0.95  # student zero-shot top-1 / teacher's, over the labelled evaluation sets
+
+    def __post_init__(self) -> None:
+        if not -1.0 <= self.mean_cosine <= 1.0:
+            raise InputError(f"distill threshold mean_cosine is a cosine in [-1, 1], got {self.mean_cosine}.")
+        if self.retention < 0.0:
+            raise InputError(f"distill threshold retention must be 0 or more, got {self.retention}.")
+
+
+@dataclass
+class Teacher:
+    """The PyTorch text tower a bundle was exported from, and what distilling it needs."""
+
+    tower: Any  # nn.Module: (input_ids[, attention_mask]) → unit embeddings
+    feeds: Callable[[Sequence[str]], dict[str, np.ndarray]]  # reference tokenizer, truncating at TRAIN_MAX_LENGTH
+    spec: Any  # the text graph's ExportSpec
+    other: np.ndarray | None  # the image side's embeddings for the cross-modal loss
+    description: str  # what the teacher is, for the report
+
+
+def _default_teacher(bundle: Bundle) -> Teacher:
+    from edgemm.export.models.dual_encoder import TEXT_ENCODER, TextEmbedder
+    from edgemm.export.models.text import minilm_dir, minilm_l6
+
+    tower = minilm_l6()
+    embedder = TextEmbedder(tower, minilm_dir(), max_length=TRAIN_MAX_LENGTH)
+    other = np.load(bundle.file(bundle.manifest.scoring.class_embeddings))
+    return Teacher(tower, embedder.feeds, TEXT_ENCODER, other, "all-MiniLM-L6-v2 (packaged weights)")
+
+
+def _checkpoint_teacher(bundle: Bundle, images: Sequence[Any]) -> Teacher:
+    from edgemm.export.models.clip import Checkpoint, _specs
+
+    folder = Path(bundle.manifest.source.get("path", ""))
+    if not (folder / "config.json").is_file():
+        raise BundleError(f"bundle '{bundle.path}' was exported from the checkpoint folder '{folder}', which is not "
+                          "there any more; distilling needs that teacher. Restore the folder (or re-export the "
+                          "bundle from where it now is) and run again.")
+    ckpt = Checkpoint(folder)
+
+    def feeds(texts: Sequence[str]) -> dict[str, np.ndarray]:
+        batch = ckpt.tokenizer(list(texts), padding=ckpt.arch.padding, truncation=True,
+                               max_length=min(TRAIN_MAX_LENGTH, ckpt.max_length), return_tensors="np")
+        return {name: batch[name].astype(np.int64) for name in ckpt.arch.text_inputs}
+
+    other = DualEncoder(bundle, threads=None).embed_images(list(images), color="rgb")
+    return Teacher(ckpt.text_tower, feeds, _specs(ckpt.image_size, ckpt.arch.text_inputs)[1], other,
+                   f"{ckpt.arch.model_class} from {folder}")
+
+
+def teacher_of(bundle: Bundle, images: Sequence[Any] = ()) -> Teacher:
+    """Rebuild the PyTorch text tower ``bundle`` was exported from, and check it is that tower.
+
+    Args:
+        bundle: An fp32 dual-encoder bundle exported by edgemm.
+        images: Images whose embeddings (by the bundle's image graph) anchor the
+            cross-modal loss of checkpoint teachers (the default uses its class embeddings).
+
+    Raises:
+        BundleError: Not an fp32 dual encoder, already distilled, of unknown
+            origin, its checkpoint folder is gone, or the rebuilt teacher does
+            not reproduce the bundle's text graph.
+    """
+    import torch
+
+    m = bundle.manifest
+    if m.family != "dual_encoder":
+        raise BundleError(f"'{bundle.path}' is a {m.family!r} bundle; distil the dual encoder it was built on.")
+    if m.precision != "fp32":
+        raise BundleError(f"'{bundle.path}' is {m.precision}; distil the fp32 bundle, then quantize the student.")
+    if "distilled_from" in m.source:
+        raise BundleError(f"'{bundle.path}' is already a distilled student; distil from its teacher bundle "
+                          f"'{m.source['distilled_from'].get('path')}'.")
+    kind = m.source.get("kind")
+    if kind == "default":
+        teacher = _default_teacher(bundle)
+    elif kind == "huggingface":
+        teacher = _checkpoint_teacher(bundle, images)
+    else:
+        raise BundleError(f"'{bundle.path}' does not record where its model came from (source kind {kind!r}); "
+                          "distilling needs the PyTorch teacher.")
+    from edgemm.runtime.datasets import SAMPLE_SENTENCES
+
+    runtime = DualEncoder(bundle, threads=None).embed_texts(list(SAMPLE_SENTENCES))
+    with torch.no_grad():
+        feeds = teacher.feeds(list(SAMPLE_SENTENCES))
+        rebuilt = teacher.tower(*(torch.from_numpy(feeds[t.name]) for t in teacher.spec.inputs)).numpy()
+    worst = float((runtime * rebuilt).sum(1).min())
+    if worst < TEACHER_MATCH:
+        raise BundleError(f"the teacher rebuilt for '{bundle.path}' ({teacher.description}) does not reproduce the "
+                          f"bundle's text graph (worst cosine {worst:.4f} on real sentences); the weights changed "
+                          "since export. Re-export the bundle from the teacher you mean to distil.")
+    return teacher
+
+
+def _retention(report: dict[str, Any]) -> dict[str, Any]:
+    """Zero-shot top-1 of teacher and student over the labelled sets, and their ratio."""
+    sets = [s for s in report["label_sets"] if "source_top1" in s]
+    teacher = sum(s["source_top1"] * s["images"] for s in sets)
+    student = sum(s["candidate_top1"] * s["images"] for s in sets)
+    images = sum(s["images"] for s in sets)
+    return {"teacher_top1": teacher / images, "student_top1": student / images, "images": images,
+            "retention": student / teacher if teacher else 1.0}
+
+
+def text_speed(teacher: DualEncoder, student: DualEncoder, texts: Sequence[str]) -> dict[str, Any]:
+    """Median ms of the text graph at batch ``SPEED_BATCH``, teacher vs student, in alternating rounds."""
+    feeds = {k: v for k, v in teacher.text_feeds(list(texts[:SPEED_BATCH])).items()}
+    models = {"teacher": teacher, "student": student}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for model in models.values():
+        model.text_backend.infer(feeds)
+    for r in range(SPEED_ROUNDS):
+        for name in (list(models) if r % 2 == 0 else list(models)[::-1]):
+            for _ in range(3):
+                t0 = time.perf_counter()
+                models[name].text_backend.infer(feeds)
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    ms = {name: float(np.median(t)) for name, t in times.items()}
+    return {"batch": len(texts[:SPEED_BATCH]), "tokens": int(feeds["input_ids"].shape[1]),
+            "teacher_ms": ms["teacher"], "student_ms": ms["student"], "speedup": ms["teacher"] / ms["student"]}
+
+
+def distill_summary(info: dict[str, Any]) -> str:
+    """Printable lines: training, the gate's figures, retention and speed."""
+    r, s = info["retention"], info["speed"]
+    lines = [
+        info["training"]["summary"],
+        summary(info["gate"]).rsplit("\n", 1)[0],  # its last line is the gate verdict, given below
+        f"zero-shot top-1 over {r['images']} labelled images: teacher {r['teacher_top1']:.1%}, student "
+        f"{r['student_top1']:.1%} (retention {r['retention']:.1%})",
+        f"text graph, batch {s['batch']} ({s['tokens']} tokens): teacher {s['teacher_ms']:.1f} ms, student "
+        f"{s['student_ms']:.1f} ms ({s['speedup']:.2f}x)",
+        "distillation gate: PASSED" if info["passed"] else
+        "distillation gate: FAILED (" + "; ".join(info["failures"]) + ")",
+    ]
+    return "\n".join(lines)
+
+
+def distill_bundle(
+    source: str | Path,
+    out_dir: str | Path,
+    *,
+    tower: str = "text",
+    student: str = "layers=3",
+    data: str | Path | None = None,
+    options: Any = None,
+    thresholds: DistillThresholds = DistillThresholds(),
+    accept_degradation: bool = False,
+    checkpoint_dir: str | Path | None = None,
+    restart: bool = False,
+    eval_images: int = 1000,
+    overwrite: bool = False,
+    threads: int | None = None,
+    progress: Callable[[str, int, int, dict[str, float]], None] | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """Distil a bundle's text tower into a student and write it as a gated bundle.
+
+    Args:
+        source: The teacher: an fp32 dual-encoder bundle.
+        out_dir: Bundle directory to create.
+        tower: ``"text"``.
+        student: A preset name or ``layers=N`` / ``layers=I,J,K`` [``,ffn=W``].
+        data: A text file (one text per line) or folder of ``.txt`` files; ``None``:
+            the packaged corpus (ImageNet names in prompts, class descriptions).
+        options: ``edgemm.export.distill.DistillOptions``.
+        thresholds: The retention gate.
+        accept_degradation: Write the student even when it misses the thresholds (recorded).
+        checkpoint_dir: Where training checkpoints go (default ``<out_dir>.distill``);
+            a checkpoint there is resumed. Removed once the bundle is written.
+        restart: Discard an existing checkpoint instead of resuming it.
+        eval_images: Fashion-MNIST test images in the zero-shot comparison (besides the sample photos).
+        overwrite: Replace an existing bundle.
+        threads: Threads for training and for ONNX Runtime while measuring.
+        progress: ``progress(stage, done, total, metrics)``; stage is ``"train"``
+            (steps) or ``"step"`` (a description in ``metrics["message"]``).
+
+    Returns:
+        (the written manifest, the distillation report).
+
+    Raises:
+        InputError: Unknown tower, bad student spec or data.
+        BundleError: The source cannot be distilled (see :func:`teacher_of`).
+        VerificationError: The exported student drifts from its PyTorch module.
+        DistillGateError: The student missed the thresholds and the degradation was not accepted.
+    """
+    from edgemm.export import distill as d
+    from edgemm.export.bundle_writer import BundleWriter
+    from edgemm.export.calibration import calibration_data, gate_data
+    from edgemm.export.onnx_export import export_onnx, verify_onnx
+    from edgemm.runtime.datasets import SAMPLE_SENTENCES
+
+    if tower not in TOWERS:
+        raise InputError(f"cannot distil the {tower!r} tower; choose from {list(TOWERS)} (image students are not "
+                         "supported yet).")
+    report_to = progress or (lambda *_args: None)
+
+    def step(message: str) -> None:
+        report_to("step", 0, 0, {"message": message})
+
+    options = options or d.DistillOptions(threads=threads)
+    spec = d.parse_student_spec(student)
+    corpus = d.read_corpus(data) if data is not None else d.default_text_corpus()
+    train_texts, held_out = d.split_corpus(corpus, options.held_out_fraction, options.seed)
+    src = Bundle(source)
+    manifest = src.manifest
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise InputError(f"'{out_dir}' already exists; choose another path or pass --force.")
+    calib, _ = calibration_data(None, None)
+    step("rebuilding the teacher and checking it against the bundle")
+    teacher = teacher_of(src, calib.images)
+    pupil = d.text_student(teacher.tower, spec.layers, spec.ffn)
+    folder = Path(checkpoint_dir) if checkpoint_dir is not None else out_dir.with_name(out_dir.name + ".distill")
+    if restart and folder.exists():
+        shutil.rmtree(folder)
+    resume = (folder / d.CHECKPOINT_NAME).is_file()
+    step(f"{'resuming' if resume else 'distilling'} the {tower} student ({student}) on {len(train_texts)} texts")
+    started = time.perf_counter()
+    pupil, training = d.distill_text(
+        teacher.tower, teacher.feeds, pupil, train_texts, held_out, options, checkpoint_dir=folder, resume=resume,
+        other_embeddings=teacher.other,
+        progress=lambda epoch, done, total, metrics: report_to("train", done, total, {"epoch": epoch, **metrics}))
+
+    with BundleWriter(out_dir, overwrite=overwrite) as w:
+        role = teacher.spec.role
+        for rel in manifest.files:
+            if rel != manifest.graphs[role].file:
+                w.path(rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src.file(rel), w.path(rel))
+        step("exporting the student's text_encoder.onnx")
+        graph = w.path(manifest.graphs[role].file)
+        export_onnx(pupil, teacher.spec, graph)
+        step("verifying the student graph against its PyTorch module")
+        sentences = list(SAMPLE_SENTENCES)
+        verification = verify_onnx(pupil, teacher.spec, graph,
+                                   [teacher.feeds(sentences[:1]), teacher.feeds(sentences), teacher.feeds(held_out[:64])],
+                                   description="real sentences and held-out corpus texts")
+        fields = {k: v for k, v in manifest.to_dict().items() if k not in ("schema_version", "files", "tools", "created")}
+        fields["source"] = {**manifest.source, "distilled_from": {
+            "path": str(src.path), "name": manifest.name, "created": manifest.created, "tower": tower,
+            "student": spec.to_dict(), "teacher": teacher.description}}
+        fields["verification"] = {**manifest.verification, role: verification}
+        staged = w.stage(**fields)
+
+        step("measuring teacher and student on held-out data")
+        gate = gate_data(None, fashion_images=eval_images)
+        gate.texts = held_out[:512]
+        gate.describe["texts"] = f"{len(gate.texts)} held-out corpus texts (never trained on)"
+        reference = DualEncoder(src, threads=threads)
+        candidate = DualEncoder(Bundle(staged, check_hashes=False), threads=threads)
+        gate_report = compare(measure(reference, gate), measure(candidate, gate), gate,
+                              GateThresholds(mean_cosine=0.0, worst_cosine=0.0, top1_agreement=0.0))
+        retention = _retention(gate_report)
+        step("timing the text graphs")
+        speed = text_speed(reference, candidate, held_out)
+        failures = []  # the figures are the quantization gate's; the thresholds are distillation's
+        mean_cosine = gate_report["text_cosine"]["mean"]
+        if mean_cosine < thresholds.mean_cosine:
+            failures.append(f"text mean cosine {mean_cosine:.4f} < {thresholds.mean_cosine}")
+        if retention["retention"] < thresholds.retention:
+            failures.append(f"zero-shot retention {retention['retention']:.1%} < {thresholds.retention:.0%}")
+        gate_report.update(failures=failures, passed=not failures, thresholds=asdict(thresholds))
+        info = {
+            "tower": tower, "student": spec.to_dict(), "teacher": teacher.description,
+            "student_parameters": sum(p.numel() for p in pupil.parameters()),
+            "teacher_parameters": sum(p.numel() for p in teacher.tower.parameters()),
+            "corpus": {"source": corpus.source, "texts": len(corpus), "train": len(train_texts),
+                       "held_out": len(held_out)},
+            "training": {**training.to_dict(), "summary": training.summary()},
+            "thresholds": asdict(thresholds), "gate": gate_report, "retention": retention, "speed": speed,
+            "failures": failures, "passed": not failures, "seconds": round(time.perf_counter() - started, 1),
+        }
+        if failures:
+            if not accept_degradation:
+                raise DistillGateError(
+                    f"the student misses the distillation gate: {'; '.join(failures)}. Nothing was written; the "
+                    f"training checkpoint stays in '{folder}'. Train longer (--epochs), keep more layers, give more "
+                    f"texts, or pass --accept-degradation to write it anyway.\n{distill_summary(info)}", info)
+            info["accepted_degradation"] = True
+        fields["verification"]["distillation"] = info
+        step("writing bundle")
+        written = w.commit(**fields)
+    shutil.rmtree(folder, ignore_errors=True)
+    return written, info

@@ -1,0 +1,121 @@
+"""edgemm distill end to end on a real (tiny) CLIP checkpoint: teacher rebuilt, student trained, exported, gated."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import edgemm
+from clirun import run_cli
+from edgemm._distill import DistillGateError, DistillThresholds, distill_bundle
+from edgemm.export.distill import DistillOptions, default_text_corpus
+from edgemm.runtime.errors import BundleError, InputError
+
+FAST = DistillOptions(max_steps=6, batch_size=32, checkpoint_every=1, threads=2)
+OPEN = DistillThresholds(mean_cosine=-1.0, retention=0.0)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "texts.txt"
+    path.write_text("\n".join(default_text_corpus().texts[:400]) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def student(tiny_clip_bundle, corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("students") / "tiny-student"
+    manifest, info = distill_bundle(tiny_clip_bundle, out, student="layers=1", data=corpus, options=FAST,
+                                    thresholds=OPEN, eval_images=40, threads=2)
+    return out, manifest, info
+
+
+def test_the_student_is_an_ordinary_bundle_with_its_report(student, tiny_clip_bundle):
+    out, manifest, info = student
+    teacher = edgemm.load(tiny_clip_bundle, threads=1)
+    model = edgemm.load(out, threads=1)  # hashes checked: a complete bundle
+    assert model.manifest.source["distilled_from"]["student"] == {"layers": 1, "ffn": None}
+    assert manifest.verification["text_encoder"]["passed"]  # the student graph matches its PyTorch module
+    assert info["student_parameters"] < info["teacher_parameters"]
+    assert info["training"]["steps"] == 6 and info["corpus"]["train"] + info["corpus"]["held_out"] == 400
+    assert info["training"]["held_out_mean_cosine"] > info["training"]["initial_mean_cosine"]
+    assert info["speed"]["student_ms"] > 0 and info["retention"]["images"] == 40 + 15
+    assert manifest.verification["distillation"]["gate"]["image_cosine"]["mean"] == pytest.approx(1.0)
+    assert (out / "image_encoder.onnx").read_bytes() == (Path(tiny_clip_bundle) / "image_encoder.onnx").read_bytes()
+    texts = ["a photo of a cat.", "a red car"]
+    cos = (teacher.embed_texts(texts) * model.embed_texts(texts)).sum(1)
+    assert cos.shape == (2,) and (abs(cos) <= 1.0001).all()
+    assert not out.with_name(out.name + ".distill").exists()  # the checkpoint is removed once written
+
+
+def test_an_interrupted_run_writes_nothing_and_resumes(tiny_clip_bundle, corpus, tmp_path):
+    out = tmp_path / "student"
+
+    def stop_at_step_3(stage, done, total, metrics):
+        if stage == "train" and done == 3 and "loss" in metrics:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distill_bundle(tiny_clip_bundle, out, student="layers=1", data=corpus, options=FAST, thresholds=OPEN,
+                       eval_images=10, progress=stop_at_step_3)
+    assert not out.exists() and (tmp_path / "student.distill" / "checkpoint.pt").is_file()
+    _, info = distill_bundle(tiny_clip_bundle, out, student="layers=1", data=corpus, options=FAST, thresholds=OPEN,
+                             eval_images=10)
+    assert info["training"]["resumed_from_step"] == 3 and info["training"]["steps"] == 6
+    assert (out / "manifest.json").is_file() and not (tmp_path / "student.distill").exists()
+
+
+def test_a_student_below_the_gate_is_not_written(tiny_clip_bundle, corpus, tmp_path):
+    out = tmp_path / "student"
+    with pytest.raises(DistillGateError, match="mean cosine") as failed:
+        distill_bundle(tiny_clip_bundle, out, student="layers=1", data=corpus, options=FAST,
+                       thresholds=DistillThresholds(mean_cosine=0.999), eval_images=10)
+    assert not out.exists() and failed.value.report["passed"] is False
+    assert (tmp_path / "student.distill" / "checkpoint.pt").is_file()  # kept, to resume or accept
+    _, info = distill_bundle(tiny_clip_bundle, out, student="layers=1", data=corpus, options=FAST,
+                             thresholds=DistillThresholds(mean_cosine=0.999), accept_degradation=True, eval_images=10)
+    assert info["accepted_degradation"] and info["training"]["resumed_from_step"] == 6
+    assert edgemm.load(out).manifest.verification["distillation"]["passed"] is False
+
+
+def _edited_copy(bundle: Path, dst: Path, **changes) -> Path:
+    shutil.copytree(bundle, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    for key, value in changes.items():
+        if key == "source_path":
+            manifest["source"]["path"] = value
+        else:
+            manifest[key] = value
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    return dst
+
+
+def test_bundles_that_cannot_be_distilled(tiny_clip_bundle, corpus, tmp_path):
+    gone = _edited_copy(tiny_clip_bundle, tmp_path / "gone", source_path=str(tmp_path / "moved-away"))
+    with pytest.raises(BundleError, match="not there any more"):
+        distill_bundle(gone, tmp_path / "a", data=corpus, options=FAST)
+    int8 = _edited_copy(tiny_clip_bundle, tmp_path / "int8", precision="int8")
+    with pytest.raises(BundleError, match="distil the fp32 bundle"):
+        distill_bundle(int8, tmp_path / "b", data=corpus, options=FAST)
+    from tiny_checkpoints import make_tiny_clip
+
+    other = make_tiny_clip(tmp_path / "other-clip", seed=1)
+    swapped = _edited_copy(tiny_clip_bundle, tmp_path / "swapped", source_path=str(other))
+    with pytest.raises(BundleError, match="does not reproduce"):
+        distill_bundle(swapped, tmp_path / "c", data=corpus, options=FAST)
+    with pytest.raises(InputError, match="layers"):
+        distill_bundle(tiny_clip_bundle, tmp_path / "d", student="layers=2", data=corpus, options=FAST)
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(InputError, match="no text"):
+        distill_bundle(tiny_clip_bundle, tmp_path / "e", data=tmp_path / "empty.txt", options=FAST)
+    assert not any((tmp_path / x).exists() for x in "abcde")
+
+
+def test_cli_distill_errors_are_one_line(tiny_clip_bundle, tmp_path):
+    out = run_cli("distill", tiny_clip_bundle, "--student", "layers=9", "-o", tmp_path / "s", check=False)
+    assert out.returncode == 2 and "layers" in out.stderr and not (tmp_path / "s").exists()
+    out = run_cli("distill", tiny_clip_bundle, "--data", tmp_path / "nope.txt", "-o", tmp_path / "s", check=False)
+    assert out.returncode == 2 and "does not exist" in out.stderr
