@@ -13,6 +13,7 @@ from torch.nn import functional as F
 
 from edgemm.export.distill import (
     CHECKPOINT_NAME,
+    DEFAULT_STUDENT,
     DistillOptions,
     StudentSpec,
     cross_modal_kl,
@@ -146,6 +147,8 @@ def test_student_specs_parse_from_the_command_line():
     assert parse_student_spec("layers=3") == StudentSpec(layers=3)
     assert parse_student_spec("layers=0,2,5,ffn=768") == StudentSpec(layers=(0, 2, 5), ffn=768)
     assert parse_student_spec(" layers = 2 , ffn = 512 ") == StudentSpec(layers=2, ffn=512)
+    assert DEFAULT_STUDENT in list_text_students()
+    assert parse_student_spec(DEFAULT_STUDENT) == StudentSpec(layers=(0, 2, 5), ffn=1280)
     for name in list_text_students():
         assert isinstance(parse_student_spec(name), StudentSpec)
     for bad, message in (("depth=3", "unknown key"), ("layers=x", "integers"), ("ffn=768", "which layers"),
@@ -260,6 +263,7 @@ def test_resume_after_an_interruption_gives_the_same_weights(tiny, texts, tmp_pa
         distill_text(tiny.text_tower, tiny.feeds, _student(tiny), train, held_out, FAST,
                      checkpoint_dir=tmp_path / "cut", progress=interrupt)
     assert load_checkpoint(tmp_path / "cut")["state"]["step"] == 20
+    assert len(list((tmp_path / "cut").glob("teacher-*.pt"))) == 2  # train and held-out embeddings, reused on resume
     steps = []
     resumed, report = distill_text(tiny.text_tower, tiny.feeds, _student(tiny), train, held_out, FAST,
                                    checkpoint_dir=tmp_path / "cut", resume=True,
