@@ -919,11 +919,17 @@ def load_checkpoint(folder: str | Path) -> dict[str, Any]:
     return payload
 
 
-def _check_resume(payload: dict[str, Any], fingerprint: dict[str, str], folder: Path) -> None:
+def _check_resume(payload: dict[str, Any], fingerprint: dict[str, str], folder: Path,
+                  options: DistillOptions | None = None) -> None:
     saved = payload["fingerprint"]
     differ = [k for k in fingerprint if saved.get(k) != fingerprint[k]]
     if differ:
         reasons = "; ".join(_FINGERPRINT_ADVICE[k] for k in differ)
+        if "options" in differ and options is not None:
+            now = asdict(options)
+            changed = {k: (v, now.get(k)) for k, v in payload.get("options", {}).items()
+                       if k not in _RESUME_FREE and now.get(k) != v}
+            reasons += ": " + ", ".join(f"{k} {a!r} then, {b!r} now" for k, (a, b) in changed.items())
         raise InputError(f"cannot resume from {folder / CHECKPOINT_NAME}: it was made by a different run ({reasons}). "
                          "Resume with the same teacher, student, corpus and options, or start afresh in an empty "
                          "checkpoint folder.")
@@ -1121,7 +1127,7 @@ class _Run:
 
     def resume(self) -> None:
         payload = load_checkpoint(self.folder)
-        _check_resume(payload, self.fingerprint, self.folder)
+        _check_resume(payload, self.fingerprint, self.folder, self.options)
         self.state = _State(**payload["state"])
         _restore(self.params, payload["student"])
         self.best = payload["best"]
