@@ -88,7 +88,7 @@ def _default_teacher(bundle: Bundle) -> Teacher:
     return Teacher(tower, embedder.feeds, TEXT_ENCODER, other, "all-MiniLM-L6-v2 (packaged weights)")
 
 
-def _checkpoint_teacher(bundle: Bundle, images: Sequence[Any]) -> Teacher:
+def _checkpoint_teacher(bundle: Bundle, runtime: DualEncoder, images: Sequence[Any]) -> Teacher:
     from edgemm.export.models.clip import Checkpoint, _specs
 
     folder = Path(bundle.manifest.source.get("path", ""))
@@ -103,7 +103,7 @@ def _checkpoint_teacher(bundle: Bundle, images: Sequence[Any]) -> Teacher:
                                max_length=min(TRAIN_MAX_LENGTH, ckpt.max_length), return_tensors="np")
         return {name: batch[name].astype(np.int64) for name in ckpt.arch.text_inputs}
 
-    other = DualEncoder(bundle, threads=None).embed_images(list(images), color="rgb")
+    other = runtime.embed_images(list(images), color="rgb")
     return Teacher(ckpt.text_tower, feeds, _specs(ckpt.image_size, ckpt.arch.text_inputs)[1], other,
                    f"{ckpt.arch.model_class} from {folder}")
 
@@ -132,20 +132,21 @@ def teacher_of(bundle: Bundle, images: Sequence[Any] = ()) -> Teacher:
         raise BundleError(f"'{bundle.path}' is already a distilled student; distil from its teacher bundle "
                           f"'{m.source['distilled_from'].get('path')}'.")
     kind = m.source.get("kind")
+    runtime = DualEncoder(bundle, threads=None)
     if kind == "default":
         teacher = _default_teacher(bundle)
     elif kind == "huggingface":
-        teacher = _checkpoint_teacher(bundle, images)
+        teacher = _checkpoint_teacher(bundle, runtime, images)
     else:
         raise BundleError(f"'{bundle.path}' does not record where its model came from (source kind {kind!r}); "
                           "distilling needs the PyTorch teacher.")
     from edgemm.runtime.datasets import SAMPLE_SENTENCES
 
-    runtime = DualEncoder(bundle, threads=None).embed_texts(list(SAMPLE_SENTENCES))
+    reference = runtime.embed_texts(list(SAMPLE_SENTENCES))
     with torch.no_grad():
         feeds = teacher.feeds(list(SAMPLE_SENTENCES))
         rebuilt = teacher.tower(*(torch.from_numpy(feeds[t.name]) for t in teacher.spec.inputs)).numpy()
-    worst = float((runtime * rebuilt).sum(1).min())
+    worst = float((reference * rebuilt).sum(1).min())
     if worst < TEACHER_MATCH:
         raise BundleError(f"the teacher rebuilt for '{bundle.path}' ({teacher.description}) does not reproduce the "
                           f"bundle's text graph (worst cosine {worst:.4f} on real sentences); the weights changed "
@@ -165,7 +166,7 @@ def _retention(report: dict[str, Any]) -> dict[str, Any]:
 
 def text_speed(teacher: DualEncoder, student: DualEncoder, texts: Sequence[str]) -> dict[str, Any]:
     """Median ms of the text graph at batch ``SPEED_BATCH``, teacher vs student, in alternating rounds."""
-    feeds = {k: v for k, v in teacher.text_feeds(list(texts[:SPEED_BATCH])).items()}
+    feeds = teacher.text_feeds(list(texts[:SPEED_BATCH]))
     models = {"teacher": teacher, "student": student}
     times: dict[str, list[float]] = {name: [] for name in models}
     for model in models.values():
