@@ -492,8 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", help="distil a bundle's text tower into a smaller, faster student (gated)")
     p.add_argument("bundle_path", help="the teacher: an fp32 dual-encoder bundle")
     p.add_argument("--tower", default="text", choices=("text",), help="the tower to replace with a student")
-    p.add_argument("--student", default="layers=3",
-                   help="layers=N (teacher layers kept, spread evenly), layers=I,J,K, optionally ,ffn=W; or a preset")
+    p.add_argument("--student", default=None,
+                   help="layers=N (teacher layers kept, spread evenly), layers=I,J,K, optionally ,ffn=W; or a preset "
+                        "(default: minilm-l3-ffn1280 for the default model, layers=3 otherwise)")
     p.add_argument("--data", help="a text file (one text per line) or a folder of .txt files "
                                   "(default: packaged ImageNet prompts and descriptions)")
     p.add_argument("--epochs", type=int, help="most passes over the texts (default 3)")

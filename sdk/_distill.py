@@ -41,7 +41,6 @@ from edgemm.runtime.bundle import Bundle
 from edgemm.runtime.errors import BundleError, InputError, VerificationError
 
 TOWERS = ("text",)  # towers a student can replace (image students: not yet)
-TRAIN_MAX_LENGTH = 64  # tokens per training text (teacher and student see the same truncation)
 SPEED_BATCH = 32  # texts per call when timing teacher vs student
 SPEED_ROUNDS = 7  # alternating rounds; each times 3 calls per side
 TEACHER_MATCH = 0.9999  # least cosine between the rebuilt teacher and the bundle's text graph
@@ -72,13 +71,14 @@ class Teacher:
     """The PyTorch text tower a bundle was exported from, and what distilling it needs."""
 
     tower: Any  # nn.Module: (input_ids[, attention_mask]) → unit embeddings
-    feeds: Callable[[Sequence[str]], dict[str, np.ndarray]]  # reference tokenizer, truncating at TRAIN_MAX_LENGTH
+    feeds: Callable[[Sequence[str]], dict[str, np.ndarray]]  # reference tokenizer, truncating training texts
     spec: Any  # the text graph's ExportSpec
     other: np.ndarray | None  # the image side's embeddings for the cross-modal loss
     description: str  # what the teacher is, for the report
 
 
 def _default_teacher(bundle: Bundle) -> Teacher:
+    from edgemm.export.distill import TRAIN_MAX_LENGTH
     from edgemm.export.models.dual_encoder import TEXT_ENCODER, TextEmbedder
     from edgemm.export.models.text import minilm_dir, minilm_l6
 
@@ -89,6 +89,7 @@ def _default_teacher(bundle: Bundle) -> Teacher:
 
 
 def _checkpoint_teacher(bundle: Bundle, runtime: DualEncoder, images: Sequence[Any]) -> Teacher:
+    from edgemm.export.distill import TRAIN_MAX_LENGTH
     from edgemm.export.models.clip import Checkpoint, _specs
 
     folder = Path(bundle.manifest.source.get("path", ""))
@@ -203,7 +204,7 @@ def distill_bundle(
     out_dir: str | Path,
     *,
     tower: str = "text",
-    student: str = "layers=3",
+    student: str | None = None,
     data: str | Path | None = None,
     options: Any = None,
     thresholds: DistillThresholds = DistillThresholds(),
@@ -221,7 +222,8 @@ def distill_bundle(
         source: The teacher: an fp32 dual-encoder bundle.
         out_dir: Bundle directory to create.
         tower: ``"text"``.
-        student: A preset name or ``layers=N`` / ``layers=I,J,K`` [``,ffn=W``].
+        student: A preset name or ``layers=N`` / ``layers=I,J,K`` [``,ffn=W``]; ``None``: the measured
+            preset ``DEFAULT_STUDENT`` for the default (MiniLM) teacher, else ``layers=3``.
         data: A text file (one text per line) or folder of ``.txt`` files; ``None``:
             the packaged corpus (ImageNet names in prompts, class descriptions).
         options: ``edgemm.export.distill.DistillOptions``.
@@ -260,10 +262,12 @@ def distill_bundle(
         report_to("step", 0, 0, {"message": message})
 
     options = options or d.DistillOptions(threads=threads)
+    src = Bundle(source)
+    if student is None:
+        student = d.DEFAULT_STUDENT if src.manifest.source.get("kind") == "default" else "layers=3"
     spec = d.parse_student_spec(student)
     corpus = d.read_corpus(data) if data is not None else d.default_text_corpus()
     train_texts, held_out = d.split_corpus(corpus, options.held_out_fraction, options.seed)
-    src = Bundle(source)
     manifest = src.manifest
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
