@@ -88,7 +88,8 @@ def _default_teacher(bundle: Bundle) -> Teacher:
     return Teacher(tower, embedder.feeds, TEXT_ENCODER, other, "all-MiniLM-L6-v2 (packaged weights)")
 
 
-def _checkpoint_teacher(bundle: Bundle, runtime: DualEncoder, images: Sequence[Any]) -> Teacher:
+def _checkpoint_teacher(bundle: Bundle, runtime: DualEncoder, images: Sequence[Any] | None) -> Teacher:
+    from edgemm.export.calibration import calibration_data
     from edgemm.export.distill import TRAIN_MAX_LENGTH
     from edgemm.export.models.clip import Checkpoint, _specs
 
@@ -104,18 +105,21 @@ def _checkpoint_teacher(bundle: Bundle, runtime: DualEncoder, images: Sequence[A
                                max_length=min(TRAIN_MAX_LENGTH, ckpt.max_length), return_tensors="np")
         return {name: batch[name].astype(np.int64) for name in ckpt.arch.text_inputs}
 
+    if images is None:  # the packaged calibration images: sample photos (augmented) and Fashion-MNIST
+        images = calibration_data(None, None)[0].images
     other = runtime.embed_images(list(images), color="rgb")
     return Teacher(ckpt.text_tower, feeds, _specs(ckpt.image_size, ckpt.arch.text_inputs)[1], other,
                    f"{ckpt.arch.model_class} from {folder}")
 
 
-def teacher_of(bundle: Bundle, images: Sequence[Any] = ()) -> Teacher:
+def teacher_of(bundle: Bundle, images: Sequence[Any] | None = None) -> Teacher:
     """Rebuild the PyTorch text tower ``bundle`` was exported from, and check it is that tower.
 
     Args:
         bundle: An fp32 dual-encoder bundle exported by edgemm.
         images: Images whose embeddings (by the bundle's image graph) anchor the
-            cross-modal loss of checkpoint teachers (the default uses its class embeddings).
+            cross-modal loss of checkpoint teachers (default: the packaged calibration images;
+            the default model uses its class embeddings instead).
 
     Raises:
         BundleError: Not an fp32 dual encoder, already distilled, of unknown
@@ -249,7 +253,7 @@ def distill_bundle(
     """
     from edgemm.export import distill as d
     from edgemm.export.bundle_writer import BundleWriter
-    from edgemm.export.calibration import calibration_data, gate_data
+    from edgemm.export.calibration import gate_data
     from edgemm.export.onnx_export import export_onnx, verify_onnx
     from edgemm.runtime.datasets import SAMPLE_SENTENCES
 
@@ -272,9 +276,8 @@ def distill_bundle(
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise InputError(f"'{out_dir}' already exists; choose another path or pass --force.")
-    calib, _ = calibration_data(None, None)
     step("rebuilding the teacher and checking it against the bundle")
-    teacher = teacher_of(src, calib.images)
+    teacher = teacher_of(src)
     pupil = d.text_student(teacher.tower, spec.layers, spec.ffn)
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else out_dir.with_name(out_dir.name + ".distill")
     if restart and folder.exists():
