@@ -52,8 +52,8 @@ Feeds = Callable[[Sequence[str]], dict[str, np.ndarray]]  # texts → named int6
 Progress = Callable[[int, int, int, dict[str, float]], None]  # (epoch, step, total_steps, metrics)
 
 CHECKPOINT_NAME = "checkpoint.pt"  # the one file a checkpoint folder holds
-CHECKPOINT_FORMAT = "edgemm-distill-text"  # written into every checkpoint, checked on resume
-CHECKPOINT_VERSION = 1  # bump when a checkpoint's contents change meaning
+CHECKPOINT_FORMAT = "edgemm-distill"  # written into every checkpoint, checked on resume
+CHECKPOINT_VERSION = 2  # bump when a checkpoint's contents change meaning
 BUCKET_BATCHES = 50  # batches per length bucket: texts are sorted by length within each run of this many batches
 TEACHER_BATCH = 256  # texts per teacher forward pass when precomputing
 # Tokens per training text to give tokenizer_feeds: longer texts are cut (the teacher's target is computed on the
@@ -555,9 +555,23 @@ def split_corpus(corpus: TextCorpus | Sequence[str], held_out_fraction: float,
         raise InputError(f"the text corpus has {n} distinct text(s) in {len(unique)} group(s): too few to hold "
                          f"{held_out_fraction:.0%} out and still train. Give at least {needed} distinct texts "
                          "(a few thousand for a useful student), or raise held_out_fraction.")
+    mask = held_out_mask(groups, held_out_fraction, seed)
+    texts = np.asarray(corpus.texts, dtype=object)
+    return list(texts[~mask]), list(texts[mask])
+
+
+def held_out_mask(groups: Sequence[int] | np.ndarray, held_out_fraction: float, seed: int = 0) -> np.ndarray:
+    """Rows to hold out: whole groups, shuffled with ``seed``, until ``held_out_fraction`` of the rows.
+
+    A group that would leave nothing to train on is skipped. The caller checks
+    that there are at least two groups.
+    """
+    groups = np.asarray(groups)
+    n = len(groups)
     rng = np.random.default_rng(seed)
     target = max(1, round(n * held_out_fraction))
-    sizes = dict(zip(*np.unique(groups, return_counts=True)))
+    unique, counts = np.unique(groups, return_counts=True)
+    sizes = dict(zip(unique, counts))
     held: set[int] = set()
     count = 0
     for g in rng.permutation(unique):
@@ -567,9 +581,7 @@ def split_corpus(corpus: TextCorpus | Sequence[str], held_out_fraction: float,
             continue
         held.add(int(g))
         count += sizes[g]
-    mask = np.isin(groups, list(held))
-    texts = np.asarray(corpus.texts, dtype=object)
-    return list(texts[~mask]), list(texts[mask])
+    return np.isin(groups, list(held))
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -638,8 +650,9 @@ _RESUME_FREE = ("threads", "checkpoint_every")  # options a resumed run may chan
 class DistillReport:
     """What a distillation run did and how close the student came to its teacher on held-out texts."""
 
-    train_texts: int  # texts trained on
-    held_out_texts: int  # texts evaluated on
+    unit: str  # what the rows are: "texts" or "images"
+    train_items: int  # rows trained on
+    held_out_items: int  # rows evaluated on
     epochs_run: int  # epochs trained (one cut short by max_steps or an early stop counts)
     best_epoch: int  # epoch whose weights were kept (0: the untrained student)
     stopped_early: bool  # the held-out loss stopped improving before the last epoch
@@ -663,7 +676,7 @@ class DistillReport:
         agree = ("" if self.held_out_top1_agreement is None
                  else f", top-1 agreement {self.held_out_top1_agreement:.1%}")
         return "\n".join([
-            f"distilled on {self.train_texts} texts, {self.held_out_texts} held out; {self.steps} steps, "
+            f"distilled on {self.train_items} {self.unit}, {self.held_out_items} held out; {self.steps} steps, "
             f"{self.epochs_run} epoch(s) (best {self.best_epoch}{stop}), {self.seconds:.0f} s",
             f"held-out cosine to the teacher: mean {self.held_out_mean_cosine:.4f}, worst "
             f"{self.held_out_worst_cosine:.4f} (before training: mean {self.initial_mean_cosine:.4f}){agree}",
@@ -743,21 +756,33 @@ def _loss(student: torch.Tensor, teacher: torch.Tensor, other: torch.Tensor | No
     return loss
 
 
+@dataclass
+class _Task:
+    """What the training loop needs to know of one kind of input (texts, images)."""
+
+    unit: str  # "texts" or "images", for the report
+    feeds: Callable[[np.ndarray, bool], dict[str, np.ndarray]]  # (row indices, held out?) → the student's feeds
+    lengths: tuple[np.ndarray, np.ndarray]  # per-row sizes for batching (train, held out); all equal for images
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (student outputs, teacher targets) → loss
+    embed: Callable[[torch.Tensor], torch.Tensor] = lambda rows: rows  # outputs or targets → embeddings
+    other: torch.Tensor | None = None  # the other tower's unit embeddings, for the top-1 agreement metric
+
+
 @torch.no_grad()
-def _evaluate(student: nn.Module, tokenizer_feeds: Feeds, texts: Sequence[str], targets: torch.Tensor,
-              batches: Sequence[np.ndarray], other: torch.Tensor | None, options: DistillOptions) -> dict[str, float]:
+def _evaluate(student: nn.Module, task: _Task, targets: torch.Tensor, batches: Sequence[np.ndarray]) -> dict[str, float]:
     student.eval()
     loss_sum = 0.0
-    embeddings = torch.empty_like(targets)
+    outputs = torch.empty_like(targets)
     for idx in batches:
-        emb = _call(student, tokenizer_feeds([texts[j] for j in idx]))
-        embeddings[torch.from_numpy(idx)] = emb
-        loss_sum += float(_loss(emb, targets[idx], other, options)) * len(idx)
-    cos = F.cosine_similarity(embeddings, targets, dim=-1)
-    metrics = {"held_out_loss": loss_sum / len(texts), "held_out_mean_cosine": float(cos.mean()),
+        out = _call(student, task.feeds(idx, True))
+        outputs[torch.from_numpy(idx)] = out
+        loss_sum += float(task.loss(out, targets[idx])) * len(idx)
+    embeddings, reference = task.embed(outputs), task.embed(targets)
+    cos = F.cosine_similarity(embeddings, reference, dim=-1)
+    metrics = {"held_out_loss": loss_sum / len(targets), "held_out_mean_cosine": float(cos.mean()),
                "held_out_worst_cosine": float(cos.min())}
-    if other is not None:
-        agree = (embeddings @ other.T).argmax(1) == (targets @ other.T).argmax(1)
+    if task.other is not None:
+        agree = (embeddings @ task.other.T).argmax(1) == (reference @ task.other.T).argmax(1)
         metrics["held_out_top1_agreement"] = float(agree.float().mean())
     return metrics
 
@@ -825,14 +850,14 @@ def _hash_feeds(tokenizer_feeds: Feeds, texts: Sequence[str]) -> str:
     return h.hexdigest()
 
 
-def _fingerprint(identity: dict[str, str], student: nn.Module, train: Sequence[str], held_out: Sequence[str],
-                 other: torch.Tensor | None, options: DistillOptions) -> dict[str, str]:
+def _fingerprint(identity: dict[str, str], student: nn.Module, data: str, other: torch.Tensor | None,
+                 options: DistillOptions) -> dict[str, str]:
     """Hashes of what fixes a run's trajectory, part by part, so a refused resume can say which differs."""
     settings = {k: v for k, v in asdict(options).items() if k not in _RESUME_FREE}
     return {
         **identity,
         "student": _hash_module(student),
-        "data": _hash_texts(train, held_out),
+        "data": data,
         "other_embeddings": "none" if other is None else hashlib.sha256(other.numpy().tobytes()).hexdigest(),
         "options": hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest(),
     }
@@ -871,8 +896,8 @@ def _cached_teacher_embeddings(teacher: nn.Module, tokenizer_feeds: Feeds, texts
 _FINGERPRINT_ADVICE = {
     "teacher": "the teacher's weights differ",
     "student": "the student is not built the same way (layers, ffn) or was changed before training",
-    "tokenizer": "the tokenizer or its max_length differs",
-    "data": "the training or held-out texts differ (another corpus, held-out fraction or seed)",
+    "tokenizer": "the tokenizer or its max_length (for images: the preprocessing or views) differs",
+    "data": "the training or held-out data differ (another corpus or image folder, held-out fraction or seed)",
     "other_embeddings": "the other tower's embeddings differ (or were given in one run only)",
     "options": "the training options differ",
 }
@@ -912,7 +937,7 @@ def load_checkpoint(folder: str | Path) -> dict[str, Any]:
         raise InputError(f"{path} cannot be read as a distillation checkpoint ({type(e).__name__}: {e}); "
                          "delete it and start again.") from e
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise InputError(f"{path} is not an edgemm text distillation checkpoint.")
+        raise InputError(f"{path} is not an edgemm distillation checkpoint.")
     if payload.get("version") != CHECKPOINT_VERSION:
         raise InputError(f"{path} is checkpoint version {payload.get('version')}; this edgemm reads version "
                          f"{CHECKPOINT_VERSION}. Finish it with the edgemm that wrote it, or start again.")
@@ -1077,37 +1102,53 @@ def distill_text(teacher: nn.Module, tokenizer_feeds: Feeds, student: nn.Module,
         targets = _cached_teacher_embeddings(teacher, tokenizer_feeds, train_texts, cache, identity)
         held_targets = _cached_teacher_embeddings(teacher, tokenizer_feeds, held_out_texts, cache, identity)
         other = _other_embeddings(other_embeddings, targets.shape[1])
-        params = _trainable(student, options)
-        flags = {name: p.requires_grad for name, p in student.named_parameters()}
-        try:
-            for p in student.parameters():
-                p.requires_grad_(False)
-            for p in params.values():
-                p.requires_grad_(True)
-            fingerprint = _fingerprint(identity, student, train_texts, held_out_texts, other, options) if folder else {}
-            run = _Run(student, params, tokenizer_feeds, (train_texts, held_out_texts), (targets, held_targets),
-                       other, options, folder, fingerprint)
-            return _train(run, resume, progress)
-        finally:
-            for name, p in student.named_parameters():
-                p.requires_grad_(flags[name])
+
+        def feeds(idx: np.ndarray, held_out: bool) -> dict[str, np.ndarray]:
+            texts = held_out_texts if held_out else train_texts
+            return _check_feeds(tokenizer_feeds([texts[j] for j in idx]))
+
+        lengths = tuple(np.array([len(t) for t in texts]) for texts in (train_texts, held_out_texts))
+        task = _Task("texts", feeds, lengths, lambda out, target: _loss(out, target, other, options), other=other)
+        data = _hash_texts(train_texts, held_out_texts) if folder else ""
+        return train(student, _trainable(student, options), task, (targets, held_targets), options, folder,
+                     identity, data, resume, progress)
+
+
+def train(student: nn.Module, params: dict[str, nn.Parameter], task: _Task,
+          targets: tuple[torch.Tensor, torch.Tensor], options: DistillOptions, folder: Path | None,
+          identity: dict[str, str], data: str, resume: bool, progress: Progress | None) -> tuple[nn.Module, DistillReport]:
+    """The loop behind ``distill_text`` and ``distill_image.distill_image``: trains ``params`` of ``student``.
+
+    Only ``params`` get gradients; the others are frozen for the run and their
+    flags put back afterwards. ``identity`` (hashes of teacher and input
+    pipeline) and ``data`` (a hash of the rows) go into the checkpoint's fingerprint.
+    """
+    flags = {name: p.requires_grad for name, p in student.named_parameters()}
+    try:
+        for p in student.parameters():
+            p.requires_grad_(False)
+        for p in params.values():
+            p.requires_grad_(True)
+        fingerprint = _fingerprint(identity, student, data, task.other, options) if folder else {}
+        return _train(_Run(student, params, task, targets, options, folder, fingerprint), resume, progress)
+    finally:
+        for name, p in student.named_parameters():
+            p.requires_grad_(flags[name])
 
 
 class _Run:
     """One training run: the student, its optimizer, where it stands, and how to save it."""
 
-    def __init__(self, student: nn.Module, params: dict[str, nn.Parameter], tokenizer_feeds: Feeds,
-                 texts: tuple[list[str], list[str]], targets: tuple[torch.Tensor, torch.Tensor],
-                 other: torch.Tensor | None, options: DistillOptions, folder: Path | None,
+    def __init__(self, student: nn.Module, params: dict[str, nn.Parameter], task: _Task,
+                 targets: tuple[torch.Tensor, torch.Tensor], options: DistillOptions, folder: Path | None,
                  fingerprint: dict[str, str]):
-        self.student, self.params, self.feeds = student, params, tokenizer_feeds
-        self.other, self.options = other, options
-        (self.train, self.held_out), (self.targets, self.held_targets) = texts, targets
+        self.student, self.params, self.task, self.options = student, params, task, options
+        self.targets, self.held_targets = targets
         self.folder, self.fingerprint = folder, fingerprint
-        self.lengths = np.array([len(t) for t in self.train])
-        steps = math.ceil(len(self.train) / options.batch_size) * options.epochs
+        self.lengths = task.lengths[0]
+        steps = math.ceil(len(self.lengths) / options.batch_size) * options.epochs
         self.total = min(steps, options.max_steps) if options.max_steps else steps
-        self.eval_batches = _eval_batches(np.array([len(t) for t in self.held_out]), options.batch_size)
+        self.eval_batches = _eval_batches(task.lengths[1], options.batch_size)
         self.optimizer = _optimizer(params, options)
         self.state, self.best = _State(), _snapshot(params)
         self.started = time.perf_counter()
@@ -1116,8 +1157,7 @@ class _Run:
         return self.state.seconds + time.perf_counter() - self.started
 
     def evaluate(self) -> dict[str, float]:
-        return _evaluate(self.student, self.feeds, self.held_out, self.held_targets, self.eval_batches, self.other,
-                         self.options)
+        return _evaluate(self.student, self.task, self.held_targets, self.eval_batches)
 
     def save(self) -> None:
         if self.folder is not None:
@@ -1146,8 +1186,8 @@ class _Run:
         lr = _learning_rate(self.options, self.state.step, self.total)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        embeddings = _call(self.student, self.feeds([self.train[j] for j in idx]))
-        loss = _loss(embeddings, self.targets[idx], self.other, self.options)
+        outputs = _call(self.student, self.task.feeds(idx, False))
+        loss = self.task.loss(outputs, self.targets[idx])
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -1175,8 +1215,9 @@ class _Run:
         s = self.state
         kept = next(h for h in s.history if h["epoch"] == s.best_epoch)
         return DistillReport(
-            train_texts=len(self.train),
-            held_out_texts=len(self.held_out),
+            unit=self.task.unit,
+            train_items=len(self.task.lengths[0]),
+            held_out_items=len(self.task.lengths[1]),
             epochs_run=s.epoch,
             best_epoch=s.best_epoch,
             stopped_early=s.stopped,

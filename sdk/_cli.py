@@ -256,7 +256,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from edgemm._distill import DistillThresholds, distill_bundle, distill_summary
     from edgemm.export.distill import DistillOptions
 
-    options = DistillOptions(threads=args.threads, seed=args.seed)
+    from edgemm.export.distill_image import IMAGE_OPTIONS
+
+    options = replace(IMAGE_OPTIONS if args.tower == "image" else DistillOptions(), threads=args.threads,
+                      seed=args.seed)
     changes = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr),
                                  ("max_steps", args.max_steps)) if v is not None}
     options = replace(options, **changes)
@@ -489,20 +492,21 @@ def build_parser() -> argparse.ArgumentParser:
     runtime_options(p)
     p.set_defaults(func=cmd_classify)
 
-    p = sub.add_parser("distill", help="distil a bundle's text tower into a smaller, faster student (gated)")
+    p = sub.add_parser("distill", help="distil a bundle's text or image tower into a smaller, faster student (gated)")
     p.add_argument("bundle_path", help="the teacher: an fp32 dual-encoder bundle")
-    p.add_argument("--tower", default="text", choices=("text",), help="the tower to replace with a student")
+    p.add_argument("--tower", default="text", choices=("text", "image"), help="the tower to replace with a student")
     p.add_argument("--student", default=None,
-                   help="layers=N (teacher layers kept, spread evenly), layers=I,J,K, optionally ,ffn=W; or a preset "
-                        "(default: minilm-l3-ffn1280 for the default model, layers=3 otherwise)")
-    p.add_argument("--data", help="a text file (one text per line) or a folder of .txt files "
-                                  "(default: packaged ImageNet prompts and descriptions)")
-    p.add_argument("--epochs", type=int, help="most passes over the texts (default 3)")
+                   help="text: layers=N (teacher layers kept, spread evenly), layers=I,J,K, optionally ,ffn=W, or a "
+                        "preset (default: minilm-l3-ffn1280 for the default model, layers=3 otherwise); image: "
+                        "size=S[,depth=D][,expand=F] or a preset (default: lite0-160)")
+    p.add_argument("--data", help="text: a text file (one text per line) or a folder of .txt files; image: a folder "
+                                  "of unlabelled images (default: packaged data the gate does not use)")
+    p.add_argument("--epochs", type=int, help="most passes over the data (default 3 for text, 4 for images)")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--min-mean-cosine", type=float, default=0.95, help="gate: held-out text cosine to the teacher")
+    p.add_argument("--min-mean-cosine", type=float, default=0.95, help="gate: held-out embedding cosine to the teacher")
     p.add_argument("--min-retention", type=float, default=0.95, help="gate: student / teacher zero-shot top-1")
     p.add_argument("--accept-degradation", action="store_true", help="write the student even if it misses the gate")
     p.add_argument("--checkpoint", help="training checkpoint folder (default: OUTPUT.distill; resumed when present)")

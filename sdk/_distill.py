@@ -29,7 +29,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +40,9 @@ from edgemm._model import DualEncoder
 from edgemm.runtime.bundle import Bundle
 from edgemm.runtime.errors import BundleError, InputError, VerificationError
 
-TOWERS = ("text",)  # towers a student can replace (image students: not yet)
+TOWERS = ("text", "image")  # towers a student can replace
 SPEED_BATCH = 32  # texts per call when timing teacher vs student
+IMAGE_SPEED_BATCH = 16  # images per call in the batched image timing (besides one frame)
 SPEED_ROUNDS = 7  # alternating rounds; each times 3 calls per side
 TEACHER_MATCH = 0.9999  # least cosine between the rebuilt teacher and the bundle's text graph
 
@@ -93,11 +94,7 @@ def _checkpoint_teacher(bundle: Bundle, runtime: DualEncoder, images: Sequence[A
     from edgemm.export.distill import TRAIN_MAX_LENGTH
     from edgemm.export.models.clip import Checkpoint, _specs
 
-    folder = Path(bundle.manifest.source.get("path", ""))
-    if not (folder / "config.json").is_file():
-        raise BundleError(f"bundle '{bundle.path}' was exported from the checkpoint folder '{folder}', which is not "
-                          "there any more; distilling needs that teacher. Restore the folder (or re-export the "
-                          "bundle from where it now is) and run again.")
+    folder = _checkpoint_folder(bundle)
     ckpt = Checkpoint(folder)
 
     def feeds(texts: Sequence[str]) -> dict[str, np.ndarray]:
@@ -110,6 +107,33 @@ def _checkpoint_teacher(bundle: Bundle, runtime: DualEncoder, images: Sequence[A
     other = runtime.embed_images(list(images), color="rgb")
     return Teacher(ckpt.text_tower, feeds, _specs(ckpt.image_size, ckpt.arch.text_inputs)[1], other,
                    f"{ckpt.arch.model_class} from {folder}")
+
+
+def _check_source(bundle: Bundle) -> Any:
+    """The manifest of a bundle that can be distilled: an fp32 dual encoder, not itself a student."""
+    m = bundle.manifest
+    if m.family != "dual_encoder":
+        raise BundleError(f"'{bundle.path}' is a {m.family!r} bundle; distil the dual encoder it was built on.")
+    if m.precision != "fp32":
+        raise BundleError(f"'{bundle.path}' is {m.precision}; distil the fp32 bundle, then quantize the student.")
+    if "distilled_from" in m.source:
+        raise BundleError(f"'{bundle.path}' is already a distilled student; distil from its teacher bundle "
+                          f"'{m.source['distilled_from'].get('path')}'.")
+    return m
+
+
+def _checkpoint_folder(bundle: Bundle) -> Path:
+    folder = Path(bundle.manifest.source.get("path", ""))
+    if not (folder / "config.json").is_file():
+        raise BundleError(f"bundle '{bundle.path}' was exported from the checkpoint folder '{folder}', which is not "
+                          "there any more; distilling needs that teacher. Restore the folder (or re-export the "
+                          "bundle from where it now is) and run again.")
+    return folder
+
+
+def _unknown_origin(bundle: Bundle, kind: Any) -> BundleError:
+    return BundleError(f"'{bundle.path}' does not record where its model came from (source kind {kind!r}); "
+                       "distilling needs the PyTorch teacher.")
 
 
 def teacher_of(bundle: Bundle, images: Sequence[Any] | None = None) -> Teacher:
@@ -128,23 +152,14 @@ def teacher_of(bundle: Bundle, images: Sequence[Any] | None = None) -> Teacher:
     """
     import torch
 
-    m = bundle.manifest
-    if m.family != "dual_encoder":
-        raise BundleError(f"'{bundle.path}' is a {m.family!r} bundle; distil the dual encoder it was built on.")
-    if m.precision != "fp32":
-        raise BundleError(f"'{bundle.path}' is {m.precision}; distil the fp32 bundle, then quantize the student.")
-    if "distilled_from" in m.source:
-        raise BundleError(f"'{bundle.path}' is already a distilled student; distil from its teacher bundle "
-                          f"'{m.source['distilled_from'].get('path')}'.")
-    kind = m.source.get("kind")
+    kind = _check_source(bundle).source.get("kind")
     runtime = DualEncoder(bundle, threads=None)
     if kind == "default":
         teacher = _default_teacher(bundle)
     elif kind == "huggingface":
         teacher = _checkpoint_teacher(bundle, runtime, images)
     else:
-        raise BundleError(f"'{bundle.path}' does not record where its model came from (source kind {kind!r}); "
-                          "distilling needs the PyTorch teacher.")
+        raise _unknown_origin(bundle, kind)
     from edgemm.runtime.datasets import SAMPLE_SENTENCES
 
     reference = runtime.embed_texts(list(SAMPLE_SENTENCES))
@@ -169,22 +184,41 @@ def _retention(report: dict[str, Any]) -> dict[str, Any]:
             "retention": student / teacher if teacher else 1.0}
 
 
+def graph_speed(runs: dict[str, tuple[Any, dict[str, np.ndarray]]]) -> dict[str, float]:
+    """Median ms per call of each (backend, feeds), timed in alternating rounds so load falls on each alike."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for backend, feeds in runs.values():
+        backend.infer(feeds)
+    for r in range(SPEED_ROUNDS):
+        for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+            backend, feeds = runs[name]
+            for _ in range(3):
+                t0 = time.perf_counter()
+                backend.infer(feeds)
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
 def text_speed(teacher: DualEncoder, student: DualEncoder, texts: Sequence[str]) -> dict[str, Any]:
     """Median ms of the text graph at batch ``SPEED_BATCH``, teacher vs student, in alternating rounds."""
     feeds = teacher.text_feeds(list(texts[:SPEED_BATCH]))
-    models = {"teacher": teacher, "student": student}
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for model in models.values():
-        model.text_backend.infer(feeds)
-    for r in range(SPEED_ROUNDS):
-        for name in (list(models) if r % 2 == 0 else list(models)[::-1]):
-            for _ in range(3):
-                t0 = time.perf_counter()
-                models[name].text_backend.infer(feeds)
-                times[name].append((time.perf_counter() - t0) * 1e3)
-    ms = {name: float(np.median(t)) for name, t in times.items()}
-    return {"batch": len(texts[:SPEED_BATCH]), "tokens": int(feeds["input_ids"].shape[1]),
+    ms = graph_speed({"teacher": (teacher.text_backend, feeds), "student": (student.text_backend, feeds)})
+    return {"graph": "text", "batch": len(texts[:SPEED_BATCH]), "tokens": int(feeds["input_ids"].shape[1]),
             "teacher_ms": ms["teacher"], "student_ms": ms["student"], "speedup": ms["teacher"] / ms["student"]}
+
+
+def image_speed(teacher: DualEncoder, student: DualEncoder, images: Sequence[Any]) -> dict[str, Any]:
+    """Median ms of the image graph on one frame and on a batch of ``IMAGE_SPEED_BATCH``, teacher vs student."""
+    out: dict[str, Any] = {"graph": "image"}
+    for batch in (1, IMAGE_SPEED_BATCH):
+        chosen = [images[i % len(images)] for i in range(batch)]
+        ms = graph_speed({name: (model.image_backend, {"pixels": model.preprocess(chosen, color="rgb")})
+                          for name, model in (("teacher", teacher), ("student", student))})
+        key = "" if batch == 1 else f"_batch{batch}"
+        out.update({f"teacher_ms{key}": ms["teacher"], f"student_ms{key}": ms["student"],
+                    f"speedup{key}": ms["teacher"] / ms["student"]})
+    out.update(batch=1, pixels=[teacher.preprocess.size, student.preprocess.size])
+    return out
 
 
 def distill_summary(info: dict[str, Any]) -> str:
@@ -196,11 +230,175 @@ def distill_summary(info: dict[str, Any]) -> str:
         f"zero-shot top-1 over {r['images']} labelled images: teacher {r['teacher_top1']:.1%}, student "
         f"{r['student_top1']:.1%} (retention {r['retention']:.1%})",
         f"text graph, batch {s['batch']} ({s['tokens']} tokens): teacher {s['teacher_ms']:.1f} ms, student "
-        f"{s['student_ms']:.1f} ms ({s['speedup']:.2f}x)",
+        f"{s['student_ms']:.1f} ms ({s['speedup']:.2f}x)" if s["graph"] == "text" else
+        f"image graph, one frame ({s['pixels'][0]} -> {s['pixels'][1]} px): teacher {s['teacher_ms']:.1f} ms, "
+        f"student {s['student_ms']:.1f} ms ({s['speedup']:.2f}x); batch {IMAGE_SPEED_BATCH}: "
+        f"{s[f'speedup_batch{IMAGE_SPEED_BATCH}']:.2f}x",
         "distillation gate: PASSED" if info["passed"] else
         "distillation gate: FAILED (" + "; ".join(info["failures"]) + ")",
     ]
     return "\n".join(lines)
+
+
+@dataclass
+class _Student:
+    """A trained student and what writing its bundle needs, whichever tower it replaces."""
+
+    module: Any  # nn.Module exported as the graph of ``spec.role``
+    spec: Any  # its ExportSpec
+    verify_feeds: list[dict[str, np.ndarray]]  # inputs to check the ONNX graph against ``module`` on
+    verify_description: str
+    manifest: dict[str, Any]  # manifest fields the student changes (e.g. image preprocessing)
+    training: Any  # DistillReport
+    data: dict[str, Any]  # what it was trained and held out on, for the report
+    describe: dict[str, Any]  # spec, teacher description, parameter counts
+    held_out: list[Any]  # held-out texts / images for the gate and the timing
+    user_held_out: Any = None  # the user's held-out images for the gate (a calibration DataSet)
+
+
+def _text_student(src: Bundle, student: str | None, data: Any, options: Any, folder: Path, resume: bool,
+                  step: Callable[[str], None], train_progress: Any) -> _Student:
+    from edgemm.export import distill as d
+    from edgemm.runtime.datasets import SAMPLE_SENTENCES
+
+    if student is None:
+        student = d.DEFAULT_STUDENT if src.manifest.source.get("kind") == "default" else "layers=3"
+    spec = d.parse_student_spec(student)
+    corpus = d.read_corpus(data) if data is not None else d.default_text_corpus()
+    train_texts, held_out = d.split_corpus(corpus, options.held_out_fraction, options.seed)
+    step("rebuilding the teacher and checking it against the bundle")
+    teacher = teacher_of(src)
+    pupil = d.text_student(teacher.tower, spec.layers, spec.ffn)
+    step(f"{'resuming' if resume else 'distilling'} the text student ({student}) on {len(train_texts)} texts")
+    pupil, training = d.distill_text(teacher.tower, teacher.feeds, pupil, train_texts, held_out, options,
+                                     checkpoint_dir=folder, resume=resume, other_embeddings=teacher.other,
+                                     progress=train_progress)
+    sentences = list(SAMPLE_SENTENCES)
+    return _Student(
+        pupil, teacher.spec, [teacher.feeds(sentences[:1]), teacher.feeds(sentences), teacher.feeds(held_out[:64])],
+        "real sentences and held-out corpus texts", {}, training,
+        {"source": corpus.source, "texts": len(corpus), "train": len(train_texts), "held_out": len(held_out)},
+        {"student": spec.to_dict(), "teacher": teacher.description,
+         "student_parameters": sum(p.numel() for p in pupil.parameters()),
+         "teacher_parameters": sum(p.numel() for p in teacher.tower.parameters())},
+        held_out)
+
+
+@dataclass
+class ImageSide:
+    """A bundle's image tower rebuilt in PyTorch, and how to make students of it."""
+
+    teacher: Any  # edgemm.export.distill_image.ImageTeacher: what the students imitate
+    tower: Any  # nn.Module: the whole tower as the bundle's graph computes it (pixels → its outputs)
+    spec: Any  # the image graph's ExportSpec
+    description: str
+    make: Callable[[Any], tuple[Any, Any, Any]]  # ImageStudentSpec → (trained module, exported module, preprocess)
+
+
+def _image_spec(template: Any, size: int) -> Any:
+    import torch
+
+    from edgemm.runtime.manifest import TensorSpec
+
+    return replace(template, inputs=(TensorSpec("pixels", "float32", ["batch", 3, size, size]),),
+                   dummy_inputs=lambda: (torch.zeros(2, 3, size, size),))
+
+
+def image_side_of(bundle: Bundle) -> ImageSide:
+    """Rebuild the PyTorch image tower ``bundle`` was exported from, and check it is that tower.
+
+    Raises:
+        BundleError: As ``teacher_of``: not an fp32 dual encoder of known origin,
+            or the rebuilt tower does not reproduce the bundle's image graph.
+    """
+    import torch
+
+    from edgemm.export import distill_image as di
+
+    m = _check_source(bundle)
+    runtime = DualEncoder(bundle, threads=None)
+    kind = m.source.get("kind")
+    if kind == "default":
+        from edgemm.export.models.dual_encoder import IMAGE_ENCODER, ConseImageTower
+        from edgemm.export.models.efficientnet_lite import efficientnet_lite0
+
+        join = m.source["join"]
+        classes = torch.from_numpy(np.load(bundle.file(m.scoring.class_embeddings)))
+        tower = ConseImageTower(efficientnet_lite0(), classes, temperature=join["temperature"], top_k=join["top_k"])
+        teacher = di.ImageTeacher(tower.classifier, m.image, "logits", tower.temperature,
+                                  embed=lambda logits: tower.join(logits)[0])
+
+        def make(spec: Any) -> tuple[Any, Any, Any]:
+            classifier = di.lite_student(tower.classifier, spec)
+            exported = ConseImageTower(classifier, classes, temperature=tower.temperature, top_k=tower.top_k).eval()
+            return classifier, exported, replace(m.image, size=spec.size)
+
+        side = ImageSide(teacher, tower.eval(), IMAGE_ENCODER, "EfficientNet-Lite0 (packaged ImageNet weights)", make)
+    elif kind == "huggingface":
+        from edgemm.export.models.clip import Checkpoint, _specs
+
+        ckpt = Checkpoint(_checkpoint_folder(bundle))
+
+        def make(spec: Any) -> tuple[Any, Any, Any]:
+            student = di.conv_student(spec, ckpt.embedding_dim)
+            return student, student, di.student_preprocess(m.image, spec, lite_normalisation=True)
+
+        side = ImageSide(di.ImageTeacher(ckpt.image_tower, m.image, "embedding"), ckpt.image_tower,
+                         _specs(ckpt.image_size, ckpt.arch.text_inputs)[0],
+                         f"{ckpt.arch.model_class} vision tower from {ckpt.folder}", make)
+    else:
+        raise _unknown_origin(bundle, kind)
+    from edgemm.runtime.datasets import sample_photos
+
+    photos = [p.image for p in sample_photos()]
+    reference = runtime.embed_images(photos, color="rgb")
+    with torch.no_grad():
+        out = side.tower(torch.from_numpy(runtime.preprocess(photos, color="rgb")))
+    rebuilt = (out[0] if isinstance(out, tuple) else out).numpy()
+    worst = float((reference * rebuilt).sum(1).min())
+    if worst < TEACHER_MATCH:
+        raise BundleError(f"the image tower rebuilt for '{bundle.path}' ({side.description}) does not reproduce the "
+                          f"bundle's image graph (worst cosine {worst:.4f} on the sample photos); the weights changed "
+                          "since export. Re-export the bundle from the teacher you mean to distil.")
+    return side
+
+
+def _image_student(src: Bundle, student: str | None, data: Any, options: Any, folder: Path, resume: bool,
+                   step: Callable[[str], None], train_progress: Any) -> _Student:
+    from edgemm.export import distill_image as di
+    from edgemm.export.calibration import DataSet
+
+    spec = di.parse_image_student_spec(student or di.DEFAULT_IMAGE_STUDENT)
+    images = di.read_image_folder(data) if data is not None else di.default_image_data()
+    train_images, held_images = di.split_images(images, options.held_out_fraction, options.seed)
+    step("rebuilding the image tower and checking it against the bundle")
+    side = image_side_of(src)
+    trained, exported, preprocess = side.make(spec)
+    teacher_size, student_size = src.manifest.image.size, spec.size
+    teacher_flops, student_flops = di.count_flops(side.tower, teacher_size), di.count_flops(exported, student_size)
+    if student_flops >= teacher_flops:
+        raise InputError(f"the image student {student or di.DEFAULT_IMAGE_STUDENT} ({student_flops / 1e9:.2f} GFLOPs "
+                         f"at {student_size} px) is not smaller than its teacher ({teacher_flops / 1e9:.2f} GFLOPs at "
+                         f"{teacher_size} px); choose a lower size, depth or expand, or a preset "
+                         f"({', '.join(di.list_image_students())}).")
+    step(f"{'resuming' if resume else 'distilling'} the image student ({student or di.DEFAULT_IMAGE_STUDENT}) on "
+         f"{len(train_images)} images ({images.source})")
+    trained, training = di.distill_image(side.teacher, trained, preprocess, train_images, held_images, options,
+                                         checkpoint_dir=folder, resume=resume, progress=train_progress)
+    from edgemm.runtime.datasets import sample_photos
+    from edgemm.runtime.image import ImagePreprocessor
+
+    pixels = ImagePreprocessor(preprocess)([p.image for p in sample_photos()], color="rgb")
+    user_held_out = DataSet(images=list(held_images.images)) if data is not None else None
+    return _Student(
+        exported.eval(), _image_spec(side.spec, spec.size), [{"pixels": pixels[:1]}, {"pixels": pixels}],
+        "real sample photos", {"image": asdict(preprocess)}, training,
+        {"source": images.source, "images": len(images), "train": len(train_images), "held_out": len(held_images)},
+        {"student": spec.to_dict(), "teacher": side.description,
+         "student_parameters": sum(p.numel() for p in exported.parameters()),
+         "teacher_parameters": sum(p.numel() for p in side.tower.parameters()),
+         "student_gflops": student_flops / 1e9, "teacher_gflops": teacher_flops / 1e9},
+        [p.image for p in sample_photos()], user_held_out)
 
 
 def distill_bundle(
@@ -220,18 +418,21 @@ def distill_bundle(
     threads: int | None = None,
     progress: Callable[[str, int, int, dict[str, float]], None] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
-    """Distil a bundle's text tower into a student and write it as a gated bundle.
+    """Distil a bundle's text or image tower into a student and write it as a gated bundle.
 
     Args:
         source: The teacher: an fp32 dual-encoder bundle.
         out_dir: Bundle directory to create.
-        tower: ``"text"``.
-        student: A preset name or ``layers=N`` / ``layers=I,J,K`` [``,ffn=W``]; ``None``: the measured
-            preset ``DEFAULT_STUDENT`` for the default (MiniLM) teacher, else ``layers=3``.
-        data: A text file (one text per line) or folder of ``.txt`` files; ``None``:
-            the packaged corpus (ImageNet names in prompts, class descriptions).
-        options: ``edgemm.export.distill.DistillOptions``.
-        thresholds: The retention gate.
+        tower: ``"text"`` or ``"image"``.
+        student: Text: a preset name or ``layers=N`` / ``layers=I,J,K`` [``,ffn=W``]; ``None``: the measured
+            preset ``DEFAULT_STUDENT`` for the default (MiniLM) teacher, else ``layers=3``. Image: a preset
+            name or ``size=S[,depth=D][,expand=F]``; ``None``: ``DEFAULT_IMAGE_STUDENT``.
+        data: Text: a text file (one text per line) or folder of ``.txt`` files; image: a folder of
+            unlabelled images. ``None``: packaged data (ImageNet names in prompts and class descriptions;
+            images the gate does not use).
+        options: ``edgemm.export.distill.DistillOptions`` (``None``: the tower's defaults,
+            ``DistillOptions()`` or ``distill_image.IMAGE_OPTIONS``).
+        thresholds: The retention gate, on the distilled tower's embedding cosine.
         accept_degradation: Write the student even when it misses the thresholds (recorded).
         checkpoint_dir: Where training checkpoints go (default ``<out_dir>.distill``);
             a checkpoint there is resumed. Removed once the bundle is written.
@@ -246,105 +447,93 @@ def distill_bundle(
         (the written manifest, the distillation report).
 
     Raises:
-        InputError: Unknown tower, bad student spec or data.
+        InputError: Unknown tower, bad student spec or data, a student not smaller than its teacher.
         BundleError: The source cannot be distilled (see :func:`teacher_of`).
         VerificationError: The exported student drifts from its PyTorch module.
         DistillGateError: The student missed the thresholds and the degradation was not accepted.
     """
-    from edgemm.export import distill as d
     from edgemm.export.bundle_writer import BundleWriter
     from edgemm.export.calibration import gate_data
+    from edgemm.export.distill import CHECKPOINT_NAME, DistillOptions
+    from edgemm.export.distill_image import IMAGE_OPTIONS
     from edgemm.export.onnx_export import export_onnx, verify_onnx
-    from edgemm.runtime.datasets import SAMPLE_SENTENCES
 
     if tower not in TOWERS:
-        raise InputError(f"cannot distil the {tower!r} tower; choose from {list(TOWERS)} (image students are not "
-                         "supported yet).")
+        raise InputError(f"cannot distil the {tower!r} tower; choose from {list(TOWERS)}.")
     report_to = progress or (lambda *_args: None)
 
     def step(message: str) -> None:
         report_to("step", 0, 0, {"message": message})
 
-    options = options or d.DistillOptions(threads=threads)
+    options = options or replace(IMAGE_OPTIONS if tower == "image" else DistillOptions(), threads=threads)
     src = Bundle(source)
-    if student is None:
-        student = d.DEFAULT_STUDENT if src.manifest.source.get("kind") == "default" else "layers=3"
-    spec = d.parse_student_spec(student)
-    corpus = d.read_corpus(data) if data is not None else d.default_text_corpus()
-    train_texts, held_out = d.split_corpus(corpus, options.held_out_fraction, options.seed)
-    manifest = src.manifest
+    _check_source(src)
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise InputError(f"'{out_dir}' already exists; choose another path or pass --force.")
-    step("rebuilding the teacher and checking it against the bundle")
-    teacher = teacher_of(src)
-    pupil = d.text_student(teacher.tower, spec.layers, spec.ffn)
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else out_dir.with_name(out_dir.name + ".distill")
     if restart and folder.exists():
         shutil.rmtree(folder)
-    resume = (folder / d.CHECKPOINT_NAME).is_file()
-    step(f"{'resuming' if resume else 'distilling'} the {tower} student ({student}) on {len(train_texts)} texts")
+    resume = (folder / CHECKPOINT_NAME).is_file()
     started = time.perf_counter()
-    pupil, training = d.distill_text(
-        teacher.tower, teacher.feeds, pupil, train_texts, held_out, options, checkpoint_dir=folder, resume=resume,
-        other_embeddings=teacher.other,
-        progress=lambda epoch, done, total, metrics: report_to("train", done, total, {"epoch": epoch, **metrics}))
+    train_progress = lambda epoch, done, total, metrics: report_to("train", done, total, {"epoch": epoch, **metrics})  # noqa: E731
+    make = _image_student if tower == "image" else _text_student
+    pupil = make(src, student, data, options, folder, resume, step, train_progress)
 
+    manifest = src.manifest
     with BundleWriter(out_dir, overwrite=overwrite) as w:
-        role = teacher.spec.role
+        role = pupil.spec.role
         for rel in manifest.files:
             if rel != manifest.graphs[role].file:
                 w.path(rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src.file(rel), w.path(rel))
-        step("exporting the student's text_encoder.onnx")
-        graph = w.path(manifest.graphs[role].file)
-        export_onnx(pupil, teacher.spec, graph)
+        step(f"exporting the student's {pupil.spec.file}")
+        graph = w.path(pupil.spec.file)
+        export_onnx(pupil.module, pupil.spec, graph)
         step("verifying the student graph against its PyTorch module")
-        sentences = list(SAMPLE_SENTENCES)
-        verification = verify_onnx(pupil, teacher.spec, graph,
-                                   [teacher.feeds(sentences[:1]), teacher.feeds(sentences), teacher.feeds(held_out[:64])],
-                                   description="real sentences and held-out corpus texts")
+        verification = verify_onnx(pupil.module, pupil.spec, graph, pupil.verify_feeds,
+                                   description=pupil.verify_description)
         fields = {k: v for k, v in manifest.to_dict().items() if k not in ("schema_version", "files", "tools", "created")}
+        fields.update(pupil.manifest)
+        fields["graphs"] = {**fields["graphs"], role: pupil.spec.manifest_entry()}
         fields["source"] = {**manifest.source, "distilled_from": {
             "path": str(src.path), "name": manifest.name, "created": manifest.created, "tower": tower,
-            "student": spec.to_dict(), "teacher": teacher.description}}
+            "student": pupil.describe["student"], "teacher": pupil.describe["teacher"]}}
         fields["verification"] = {**manifest.verification, role: verification}
         staged = w.stage(**fields)
 
         step("measuring teacher and student on held-out data")
-        gate = gate_data(None, fashion_images=eval_images)
-        gate.texts = held_out[:512]
-        gate.describe["texts"] = f"{len(gate.texts)} held-out corpus texts (never trained on)"
+        gate = gate_data(pupil.user_held_out, fashion_images=eval_images)
+        if tower == "text":
+            gate.texts = pupil.held_out[:512]
+            gate.describe["texts"] = f"{len(gate.texts)} held-out corpus texts (never trained on)"
         reference = DualEncoder(src, threads=threads)
         candidate = DualEncoder(Bundle(staged, check_hashes=False), threads=threads)
         gate_report = compare(measure(reference, gate), measure(candidate, gate), gate,
                               GateThresholds(mean_cosine=0.0, worst_cosine=0.0, top1_agreement=0.0))
         retention = _retention(gate_report)
-        step("timing the text graphs")
-        speed = text_speed(reference, candidate, held_out)
+        step(f"timing the {tower} graphs")
+        speed = (text_speed if tower == "text" else image_speed)(reference, candidate, pupil.held_out)
         failures = []  # the figures are the quantization gate's; the thresholds are distillation's
-        mean_cosine = gate_report["text_cosine"]["mean"]
+        mean_cosine = gate_report[f"{tower}_cosine"]["mean"]
         if mean_cosine < thresholds.mean_cosine:
-            failures.append(f"text mean cosine {mean_cosine:.4f} < {thresholds.mean_cosine}")
+            failures.append(f"{tower} mean cosine {mean_cosine:.4f} < {thresholds.mean_cosine}")
         if retention["retention"] < thresholds.retention:
             failures.append(f"zero-shot retention {retention['retention']:.1%} < {thresholds.retention:.0%}")
         gate_report.update(failures=failures, passed=not failures, thresholds=asdict(thresholds))
         info = {
-            "tower": tower, "student": spec.to_dict(), "teacher": teacher.description,
-            "student_parameters": sum(p.numel() for p in pupil.parameters()),
-            "teacher_parameters": sum(p.numel() for p in teacher.tower.parameters()),
-            "corpus": {"source": corpus.source, "texts": len(corpus), "train": len(train_texts),
-                       "held_out": len(held_out)},
-            "training": {**training.to_dict(), "summary": training.summary()},
+            "tower": tower, **pupil.describe, "data": pupil.data,
+            "training": {**pupil.training.to_dict(), "summary": pupil.training.summary()},
             "thresholds": asdict(thresholds), "gate": gate_report, "retention": retention, "speed": speed,
             "failures": failures, "passed": not failures, "seconds": round(time.perf_counter() - started, 1),
         }
         if failures:
             if not accept_degradation:
+                more = "--epochs, more images" if tower == "image" else "--epochs, more layers, more texts"
                 raise DistillGateError(
                     f"the student misses the distillation gate: {'; '.join(failures)}. Nothing was written; the "
-                    f"training checkpoint stays in '{folder}'. Train longer (--epochs), keep more layers, give more "
-                    f"texts, or pass --accept-degradation to write it anyway.\n{distill_summary(info)}", info)
+                    f"training checkpoint stays in '{folder}'. Train longer or give a larger student ({more}), "
+                    f"or pass --accept-degradation to write it anyway.\n{distill_summary(info)}", info)
             info["accepted_degradation"] = True
         fields["verification"]["distillation"] = info
         step("writing bundle")

@@ -127,8 +127,8 @@ class EfficientNetLite(nn.Module):
         """Feature map → class logits (N, num_classes)."""
         return self._fc(features.mean(dim=(2, 3)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(pixels))
 
 
 def efficientnet_lite0(*, pretrained: bool = True, image_size: int = 224) -> EfficientNetLite:

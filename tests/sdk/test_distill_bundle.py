@@ -40,7 +40,7 @@ def test_the_student_is_an_ordinary_bundle_with_its_report(student, tiny_clip_bu
     assert model.manifest.source["distilled_from"]["student"] == {"layers": 1, "ffn": None}
     assert manifest.verification["text_encoder"]["passed"]  # the student graph matches its PyTorch module
     assert info["student_parameters"] < info["teacher_parameters"]
-    assert info["training"]["steps"] == 6 and info["corpus"]["train"] + info["corpus"]["held_out"] == 400
+    assert info["training"]["steps"] == 6 and info["data"]["train"] + info["data"]["held_out"] == 400
     assert info["training"]["held_out_mean_cosine"] > info["training"]["initial_mean_cosine"]
     assert info["speed"]["student_ms"] > 0 and info["retention"]["images"] == 40 + 15
     assert manifest.verification["distillation"]["gate"]["image_cosine"]["mean"] == pytest.approx(1.0)
