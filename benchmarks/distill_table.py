@@ -1,15 +1,16 @@
-"""Teacher vs distilled student vs quantized student: size, text latency, accuracy, measured in one run.
+"""Teacher vs distilled students vs quantized students: size, latency, accuracy, measured in one run.
 
-For each bundle: the text graph's size; its latency at batch 32 on real
-held-out texts (ONNX Runtime, CPU, alternating rounds over all bundles so load
-falls on each alike; median); the held-out text cosine to the teacher's
-embeddings; zero-shot top-1 on the full Fashion-MNIST test split (10,000
-images, its class names as labels) and on the sample photos. The image tower
-is the teacher's in every bundle, so accuracy differences come from the text
-side alone.
+For each bundle: both graphs' sizes; the text graph's latency at batch 32 on
+real held-out texts and the image graph's on one camera-sized frame (ONNX
+Runtime, CPU, alternating rounds over all bundles so load falls on each alike;
+median); each tower's embedding cosine to the teacher's (held-out texts; the
+sample photos and Fashion-MNIST test images); zero-shot top-1 on the
+Fashion-MNIST test split (its class names as labels) and on the sample photos.
+A text student keeps the teacher's image graph and vice versa, so each row's
+differences come from the tower it replaced (and from quantization).
 
 Usage:
-    python benchmarks/distill_table.py TEACHER STUDENT [STUDENT_INT8 ...] [--threads 2]
+    python benchmarks/distill_table.py TEACHER STUDENT [STUDENT ...] [--threads 2]
                                       [--fashion-limit N] [--json out.json] [--markdown out.md]
 """
 
@@ -25,12 +26,14 @@ import numpy as np
 import edgemm
 from edgemm._eval import eval_fashion_mnist, eval_sample_photos
 from edgemm.export.distill import default_text_corpus, split_corpus
+from edgemm.runtime.datasets import fashion_mnist, sample_photos
 
-from _common import device_info, print_device, write_json  # shared helpers beside this script
+from _common import FRAME_SIZE, device_info, frame_from_photo, print_device, write_json  # beside this script
 
 BATCH = 32
 ROUNDS = 9
 CALLS = 3  # per bundle per round
+COSINE_IMAGES = 500  # Fashion-MNIST test images in the image cosine, besides the sample photos
 
 
 def held_out_texts(n: int = 512) -> list[str]:
@@ -41,19 +44,23 @@ def held_out_texts(n: int = 512) -> list[str]:
     return split_corpus(default_text_corpus(), o.held_out_fraction, o.seed)[1][:n]
 
 
-def latency(models: dict[str, edgemm.DualEncoder], texts: list[str]) -> dict[str, float]:
-    feeds = next(iter(models.values())).text_feeds(texts[:BATCH])
-    times: dict[str, list[float]] = {k: [] for k in models}
-    for m in models.values():
-        m.text_backend.infer(feeds)
+def latency(models: dict[str, edgemm.DualEncoder], texts: list[str], frame: np.ndarray) -> dict[str, dict[str, float]]:
+    """Median ms per call: the text graph at batch 32 and the image graph on one frame (its own preprocessing)."""
+    runs = {}
+    for name, m in models.items():
+        runs[name, "text"] = (m.text_backend, m.text_feeds(texts[:BATCH]))
+        runs[name, "image"] = (m.image_backend, {"pixels": m.preprocess([frame])})
+    times: dict[tuple[str, str], list[float]] = {k: [] for k in runs}
+    for backend, feeds in runs.values():
+        backend.infer(feeds)
     for r in range(ROUNDS):
-        order = list(models) if r % 2 == 0 else list(models)[::-1]
-        for name in order:
+        for key in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+            backend, feeds = runs[key]
             for _ in range(CALLS):
                 t0 = time.perf_counter()
-                models[name].text_backend.infer(feeds)
-                times[name].append((time.perf_counter() - t0) * 1e3)
-    return {k: float(np.median(v)) for k, v in times.items()}
+                backend.infer(feeds)
+                times[key].append((time.perf_counter() - t0) * 1e3)
+    return {name: {graph: float(np.median(times[name, graph])) for graph in ("text", "image")} for name in models}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,31 +74,42 @@ def main(argv: list[str] | None = None) -> int:
     info = device_info(args.threads)
     models = {b: edgemm.load(b, threads=args.threads) for b in args.bundles}
     texts = held_out_texts()
-    teacher = models[args.bundles[0]].embed_texts(texts)
-    ms = latency(models, texts)
+    photos = [p.image for p in sample_photos()]
+    clothes = [np.repeat(x[:, :, None], 3, axis=2) for x in fashion_mnist("test")[0][:COSINE_IMAGES]]
+    first = models[args.bundles[0]]
+    teacher_text, teacher_image = first.embed_texts(texts), first.embed_images(photos + clothes, color="rgb")
+    ms = latency(models, texts, frame_from_photo(photos[1]))
     rows = []
     for path, m in models.items():
-        cos = (m.embed_texts(texts) * teacher).sum(1)
-        graph = m.bundle.graph_path("text_encoder")
+        text_cos = (m.embed_texts(texts) * teacher_text).sum(1)
+        image_cos = (m.embed_images(photos + clothes, color="rgb") * teacher_image).sum(1)
+        size = sum(m.bundle.graph_path(g).stat().st_size for g in ("image_encoder", "text_encoder")) / 2**20
         fashion = eval_fashion_mnist(m, limit=args.fashion_limit)
-        photos = eval_sample_photos(m)
+        distilled = m.manifest.source.get("distilled_from", {})
         rows.append({"bundle": path, "name": m.manifest.name, "precision": m.manifest.precision,
-                     "student": m.manifest.source.get("distilled_from", {}).get("student"),
-                     "text_graph_mb": graph.stat().st_size / 2**20, "text_ms_batch32": ms[path],
-                     "speedup": ms[args.bundles[0]] / ms[path], "cosine_mean": float(cos.mean()),
-                     "cosine_worst": float(cos.min()), "fashion_top1": fashion["top1"],
-                     "fashion_images": fashion["images"], "photos_top1": photos["top1"]})
+                     "distilled": distilled.get("tower"), "student": distilled.get("student"),
+                     "graphs_mb": size, "image_px": m.manifest.image.size,
+                     "text_ms_batch32": ms[path]["text"], "image_ms_frame": ms[path]["image"],
+                     "text_speedup": ms[args.bundles[0]]["text"] / ms[path]["text"],
+                     "image_speedup": ms[args.bundles[0]]["image"] / ms[path]["image"],
+                     "text_cosine_mean": float(text_cos.mean()), "text_cosine_worst": float(text_cos.min()),
+                     "image_cosine_mean": float(image_cos.mean()), "image_cosine_worst": float(image_cos.min()),
+                     "fashion_top1": fashion["top1"], "fashion_images": fashion["images"],
+                     "photos_top1": eval_sample_photos(m)["top1"]})
         print(f"{path}: {rows[-1]}", flush=True)
     base = rows[0]
-    lines = ["| bundle | text graph | text latency, batch 32 | speed-up | held-out cosine to teacher (mean / worst) "
-             "| Fashion-MNIST top-1 (retention) | sample photos top-1 |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| bundle | graphs | image, one frame | text, batch 32 | image cosine (mean / worst) | text cosine "
+             "(mean / worst) | Fashion-MNIST top-1 (retention) | sample photos top-1 |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        kind = "teacher" if r is base else f"student {r['student']}"
-        lines.append(f"| {Path(r['bundle']).name} ({kind}, {r['precision']}) | {r['text_graph_mb']:.1f} MB | "
-                     f"{r['text_ms_batch32']:.1f} ms | {r['speedup']:.2f}× | {r['cosine_mean']:.4f} / "
-                     f"{r['cosine_worst']:.4f} | {r['fashion_top1']:.1%} ({r['fashion_top1'] / base['fashion_top1']:.1%})"
-                     f" | {r['photos_top1']:.1%} |")
+        kind = "teacher" if r is base else f"{r['distilled']} student" if r["distilled"] else "copy"
+        lines.append(
+            f"| {Path(r['bundle']).name} ({kind}, {r['precision']}) | {r['graphs_mb']:.1f} MB | "
+            f"{r['image_ms_frame']:.1f} ms ({r['image_speedup']:.2f}×, {r['image_px']} px) | "
+            f"{r['text_ms_batch32']:.1f} ms ({r['text_speedup']:.2f}×) | "
+            f"{r['image_cosine_mean']:.4f} / {r['image_cosine_worst']:.4f} | "
+            f"{r['text_cosine_mean']:.4f} / {r['text_cosine_worst']:.4f} | "
+            f"{r['fashion_top1']:.1%} ({r['fashion_top1'] / base['fashion_top1']:.1%}) | {r['photos_top1']:.1%} |")
     table = "\n".join(lines)
     print()
     print_device(info)
@@ -100,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.markdown_path).write_text(
             f"## Distillation: teacher vs students ({info['cpu_model']}, {args.threads} threads, load avg at start "
             f"{info['loadavg_1m']})\n\n{table}\n\n{len(texts)} held-out texts of the packaged corpus; Fashion-MNIST "
-            f"test split ({base['fashion_images']} images). Reproduce: "
+            f"test split ({base['fashion_images']} images); image cosine over the {len(photos)} sample photos and "
+            f"{len(clothes)} Fashion-MNIST test images; frames {FRAME_SIZE[0]}x{FRAME_SIZE[1]}. Reproduce: "
             f"`python benchmarks/distill_table.py {' '.join(args.bundles)}`.\n")
     if args.json_path:
         write_json(args.json_path, {"device": info, "rows": rows})

@@ -374,21 +374,36 @@ class ImageTeacher:
     """An image tower to imitate and how its outputs are compared.
 
     Attributes:
-        module: Pixels → targets (class logits, or unit embeddings).
+        outputs: Normalised pixels (N, 3, S, S) → the targets, (N, K) float32: class logits
+            (or anything softmax treats alike, e.g. T · log of the tower's probabilities) or unit embeddings.
+            The bundle's own graph on ONNX Runtime serves well: it is the deployed teacher, and faster
+            than PyTorch on a CPU.
         preprocess: Its input preprocessing (the bundle's).
+        identity: Names the teacher's weights (e.g. a hash of its graph), for checkpoints.
         kind: ``"logits"`` (compared by ``logit_kd_loss`` at ``temperature``) or ``"embedding"`` (1 − cosine).
         temperature: For logits.
-        embed: Logits → unit embeddings, for the held-out cosine (identity for embeddings).
+        embed: Targets or student outputs → unit embeddings, for the held-out cosine (identity for embeddings).
     """
 
-    module: nn.Module
+    outputs: Callable[[np.ndarray], np.ndarray]
     preprocess: ImagePreprocess
+    identity: str
     kind: str = "embedding"
     temperature: float = 1.0
     embed: Callable[[torch.Tensor], torch.Tensor] = lambda rows: rows
 
+    @classmethod
+    def of_module(cls, module: nn.Module, preprocess: ImagePreprocess, **kwargs: Any) -> ImageTeacher:
+        """A PyTorch module as the teacher (run in eval mode, without gradients)."""
+        module.eval()
 
-@torch.no_grad()
+        @torch.no_grad()
+        def outputs(pixels: np.ndarray) -> np.ndarray:
+            return module(torch.from_numpy(pixels)).numpy()
+
+        return cls(outputs, preprocess, _hash_module(module), **kwargs)
+
+
 def draw_views(data: ImageSet, student: ImagePreprocess, teacher: ImageTeacher, seed: int,
                limit: int = MAX_VIEWS) -> tuple[np.ndarray, torch.Tensor]:
     """Every image's views at the student's size (uint8 (N, S, S, 3)) and the teacher's outputs on them.
@@ -403,14 +418,13 @@ def draw_views(data: ImageSet, student: ImagePreprocess, teacher: ImageTeacher, 
     """
     rng = np.random.default_rng([seed, 7])
     small, big = ImagePreprocessor(student), ImagePreprocessor(teacher.preprocess)
-    teacher.module.eval()
     views: list[np.ndarray] = []
     targets: list[torch.Tensor] = []
     pending: list[np.ndarray] = []
 
     def flush() -> None:
         pixels = pixels_of(np.stack(pending), teacher.preprocess)(np.arange(len(pending)))
-        targets.append(teacher.module(torch.from_numpy(pixels)))
+        targets.append(torch.from_numpy(np.asarray(teacher.outputs(pixels), np.float32)))
         pending.clear()
 
     for i, (image, count) in enumerate(zip(data.images, data.views)):
@@ -493,7 +507,7 @@ def distill_image(teacher: ImageTeacher, student: nn.Module, student_preprocess:
 
         task = _Task("images", lambda idx, held: {"pixels": (held_pixels if held else train_pixels)(idx)},
                      (np.zeros(len(views)), np.zeros(len(held_views))), loss, embed=teacher.embed)
-        identity = {"teacher": _hash_module(teacher.module),
+        identity = {"teacher": teacher.identity,
                     "tokenizer": hashlib.sha256(repr((teacher.preprocess, student_preprocess)).encode()).hexdigest()}
         data = _hash_array(views, held_views) if folder else ""
         params = dict(student.named_parameters())

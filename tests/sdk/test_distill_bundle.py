@@ -51,6 +51,13 @@ def test_the_student_is_an_ordinary_bundle_with_its_report(student, tiny_clip_bu
     assert not out.with_name(out.name + ".distill").exists()  # the checkpoint is removed once written
 
 
+def test_a_distilled_tower_is_not_distilled_again(student, tmp_path):
+    out, _, _ = student
+    with pytest.raises(BundleError, match="text tower .* is already a distilled student"):
+        distill_bundle(out, tmp_path / "again", tower="text", options=FAST)
+    assert not (tmp_path / "again").exists()
+
+
 def test_an_interrupted_run_writes_nothing_and_resumes(tiny_clip_bundle, corpus, tmp_path):
     out = tmp_path / "student"
 
@@ -119,3 +126,82 @@ def test_cli_distill_errors_are_one_line(tiny_clip_bundle, tmp_path):
     assert out.returncode == 2 and "layers" in out.stderr and not (tmp_path / "s").exists()
     out = run_cli("distill", tiny_clip_bundle, "--data", tmp_path / "nope.txt", "-o", tmp_path / "s", check=False)
     assert out.returncode == 2 and "does not exist" in out.stderr
+
+
+@pytest.fixture(scope="module")
+def frames(tmp_path_factory) -> Path:
+    """A folder of unlabelled images, as a camera would leave them."""
+    from PIL import Image
+
+    from edgemm.runtime.datasets import emoji
+
+    folder = tmp_path_factory.mktemp("frames")
+    for i, (_, rgb) in enumerate(emoji()[:10]):
+        Image.fromarray(rgb).save(folder / f"frame{i:02d}.png")
+    return folder
+
+
+def test_image_students_that_cannot_be_made(tiny_clip_bundle, frames, tmp_path):
+    with pytest.raises(InputError, match="not smaller than its teacher"):  # Lite0 outweighs a 32-px toy ViT
+        distill_bundle(tiny_clip_bundle, tmp_path / "a", tower="image", student="size=32,depth=1", data=frames,
+                       options=FAST)
+    few = tmp_path / "few"
+    few.mkdir()
+    for p in sorted(frames.iterdir())[:3]:
+        shutil.copy(p, few / p.name)
+    with pytest.raises(InputError, match="at least 5"):
+        distill_bundle(tiny_clip_bundle, tmp_path / "b", tower="image", data=few, options=FAST)
+    with pytest.raises(InputError, match="preset"):
+        distill_bundle(tiny_clip_bundle, tmp_path / "c", tower="image", student="resnet50", data=frames, options=FAST)
+    with pytest.raises(InputError, match="choose from"):
+        distill_bundle(tiny_clip_bundle, tmp_path / "d", tower="audio", options=FAST)
+    assert not any((tmp_path / x).exists() for x in "abcd")
+
+
+def test_a_default_image_tower_that_changed_since_export_is_refused(default_bundle, frames, tmp_path):
+    changed = tmp_path / "changed"
+    shutil.copytree(default_bundle, changed)
+    manifest = json.loads((changed / "manifest.json").read_text())
+    manifest["source"]["join"]["temperature"] = 1.0  # not the temperature the graph was exported with
+    (changed / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="does not reproduce the bundle's image graph"):
+        distill_bundle(changed, tmp_path / "s", tower="image", data=frames, options=FAST)
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.slow
+def test_cli_distils_the_default_image_tower_into_a_smaller_input(default_bundle, frames, tmp_path):
+    out = tmp_path / "small-image"
+    result = run_cli("distill", default_bundle, "--tower", "image", "--student", "size=128,depth=2",
+                     "--data", frames, "--max-steps", "2", "--accept-degradation", "--threads", "2", "--json",
+                     "-o", out)
+    info = json.loads(result.stdout)
+    assert info["tower"] == "image" and info["training"]["unit"] == "images" and info["training"]["steps"] == 2
+    assert info["student_gflops"] < 0.5 * info["teacher_gflops"]
+    assert info["speed"]["pixels"] == [224, 128] and info["speed"]["student_ms"] > 0
+    model = edgemm.load(out, threads=1)  # an ordinary bundle: hashes, preprocessing and graphs agree
+    assert model.manifest.image.size == 128 and model.manifest.graphs["image_encoder"].inputs[0].shape[2:] == [128, 128]
+    assert (out / "text_encoder.onnx").read_bytes() == (Path(default_bundle) / "text_encoder.onnx").read_bytes()
+    from edgemm.runtime.datasets import sample_photos
+
+    cat = next(p.image for p in sample_photos() if p.label == "cat")
+    assert model.classify(cat, labels=["cat", "rocket", "cup of coffee"], color="rgb")[0].label == "cat"
+    gate = info["gate"]
+    assert gate["label_sets"][-1]["labels"] == "bundle's own"  # the folder's held-out frames are in the gate
+
+
+@pytest.mark.slow
+def test_a_checkpoint_teacher_gets_a_conv_student_with_a_projection(tmp_path, frames):
+    from edgemm.export.models.clip import build_clip_bundle
+    from tiny_checkpoints import make_tiny_clip
+
+    teacher = build_clip_bundle(make_tiny_clip(tmp_path / "clip", preset="bench"), tmp_path / "clip-bundle")
+    assert teacher.image.size == 224
+    out = tmp_path / "student"
+    _, info = distill_bundle(tmp_path / "clip-bundle", out, tower="image", student="size=96,depth=1", data=frames,
+                             options=DistillOptions(max_steps=2, batch_size=16, lr=1e-4, threads=2), thresholds=OPEN,
+                             eval_images=20, threads=2)
+    model = edgemm.load(out, threads=1)
+    assert model.manifest.image.size == 96 and model.manifest.image.mean == [127.0] * 3  # the student's own inputs
+    assert model.embed_images([frames / "frame00.png"]).shape == (1, 256)
+    assert info["training"]["initial_mean_cosine"] > 0.0 and info["student_gflops"] < info["teacher_gflops"]
