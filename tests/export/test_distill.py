@@ -278,7 +278,7 @@ def test_resume_with_other_texts_or_options_is_refused(tiny, texts, tmp_path):
     options = DistillOptions(epochs=1, max_steps=2, batch_size=16, checkpoint_every=1)
     distill_text(tiny.text_tower, tiny.feeds, _student(tiny), train, held_out, options, checkpoint_dir=tmp_path)
     assert (tmp_path / CHECKPOINT_NAME).is_file()
-    with pytest.raises(InputError, match="training or held-out texts differ"):
+    with pytest.raises(InputError, match="training or held-out data differ"):
         distill_text(tiny.text_tower, tiny.feeds, _student(tiny), train[:-2], held_out, options,
                      checkpoint_dir=tmp_path, resume=True)
     with pytest.raises(InputError, match="training options differ: batch_size 16 then, 8 now"):
