@@ -252,9 +252,14 @@ def text_student(teacher: nn.Module, layers: int | Sequence[int] = 3, ffn: int |
     return student.eval()
 
 
-def _presets() -> dict[str, dict[str, Any]]:
-    path = resources.files("edgemm.export.models") / "data" / "text_students.json"
+def load_presets(file: str) -> dict[str, dict[str, Any]]:
+    """Student presets by name from a packaged data file (``export/models/data/FILE``)."""
+    path = resources.files("edgemm.export.models") / "data" / file
     return {p["name"]: p for p in json.loads(path.read_text(encoding="utf-8"))["students"]}
+
+
+def _presets() -> dict[str, dict[str, Any]]:
+    return load_presets("text_students.json")
 
 
 def list_text_students() -> list[str]:

@@ -25,11 +25,9 @@ options, checkpoints and report it shares):
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +45,7 @@ from edgemm.export.distill import (
     _Task,
     _threads,
     held_out_mask,
+    load_presets,
     train,
 )
 from edgemm.export.models.efficientnet_lite import EfficientNetLite, MBConv, efficientnet_lite0
@@ -88,8 +87,7 @@ class ImageStudentSpec:
 
 
 def _presets() -> dict[str, dict[str, Any]]:
-    path = resources.files("edgemm.export.models") / "data" / "image_students.json"
-    return {p["name"]: p for p in json.loads(path.read_text(encoding="utf-8"))["students"]}
+    return load_presets("image_students.json")
 
 
 def list_image_students() -> list[str]:

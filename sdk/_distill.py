@@ -171,16 +171,22 @@ def teacher_of(bundle: Bundle, images: Sequence[Any] | None = None) -> Teacher:
         raise _unknown_origin(bundle, kind)
     from edgemm.runtime.datasets import SAMPLE_SENTENCES
 
-    reference = runtime.embed_texts(list(SAMPLE_SENTENCES))
     with torch.no_grad():
         feeds = teacher.feeds(list(SAMPLE_SENTENCES))
         rebuilt = teacher.tower(*(torch.from_numpy(feeds[t.name]) for t in teacher.spec.inputs)).numpy()
-    worst = float((reference * rebuilt).sum(1).min())
-    if worst < TEACHER_MATCH:
-        raise BundleError(f"the teacher rebuilt for '{bundle.path}' ({teacher.description}) does not reproduce the "
-                          f"bundle's text graph (worst cosine {worst:.4f} on real sentences); the weights changed "
-                          "since export. Re-export the bundle from the teacher you mean to distil.")
+    _check_rebuilt(bundle, "text", teacher.description, runtime.embed_texts(list(SAMPLE_SENTENCES)), rebuilt,
+                   "real sentences")
     return teacher
+
+
+def _check_rebuilt(bundle: Bundle, tower: str, description: str, graph: np.ndarray, rebuilt: np.ndarray,
+                   inputs: str) -> None:
+    """Refuse a rebuilt teacher whose embeddings are not the bundle's graph's (the weights changed since export)."""
+    worst = float((graph * rebuilt).sum(1).min())
+    if worst < TEACHER_MATCH:
+        raise BundleError(f"the {tower} tower rebuilt for '{bundle.path}' ({description}) does not reproduce the "
+                          f"bundle's {tower} graph (worst cosine {worst:.4f} on {inputs}); the weights changed "
+                          "since export. Re-export the bundle from the teacher you mean to distil.")
 
 
 def _retention(report: dict[str, Any]) -> dict[str, Any]:
@@ -372,15 +378,10 @@ def image_side_of(bundle: Bundle, threads: int | None = None) -> ImageSide:
     from edgemm.runtime.datasets import sample_photos
 
     photos = [p.image for p in sample_photos()]
-    reference = runtime.embed_images(photos, color="rgb")
     with torch.no_grad():
         out = side.tower(torch.from_numpy(runtime.preprocess(photos, color="rgb")))
-    rebuilt = (out[0] if isinstance(out, tuple) else out).numpy()
-    worst = float((reference * rebuilt).sum(1).min())
-    if worst < TEACHER_MATCH:
-        raise BundleError(f"the image tower rebuilt for '{bundle.path}' ({side.description}) does not reproduce the "
-                          f"bundle's image graph (worst cosine {worst:.4f} on the sample photos); the weights changed "
-                          "since export. Re-export the bundle from the teacher you mean to distil.")
+    _check_rebuilt(bundle, "image", side.description, runtime.embed_images(photos, color="rgb"),
+                   (out[0] if isinstance(out, tuple) else out).numpy(), "the sample photos")
     return side
 
 
