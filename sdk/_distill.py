@@ -1,24 +1,26 @@
-"""``edgemm distill``: a bundle's text tower → a smaller student bundle that keeps its teacher's answers.
+"""``edgemm distill``: a bundle's text or image tower → a smaller student bundle that keeps its teacher's answers.
 
 The steps:
 
 1. Rebuild the teacher, the PyTorch model the bundle was exported from: the
    default model from its packaged weights, or the user's checkpoint folder the
-   manifest records. It is checked against the bundle's own text graph first,
-   so a teacher that is not the bundle's fails before any training.
-2. Make the student (``edgemm.export.distill.text_student``: teacher layers
-   kept by selection, optionally narrower feed-forward blocks) and distil it on
-   the user's texts or the packaged corpus, with a held-out split kept apart by
-   group. Checkpoints go to ``<out>.distill/``; running the same command again
-   after an interruption resumes there.
-3. Export the student as the bundle's ``text_encoder.onnx`` (the same spec,
-   tokenizer and output space as the teacher's) and verify it against its
-   PyTorch module like every export.
+   manifest records. It is checked against the bundle's own graph first, so a
+   teacher that is not the bundle's fails before any training.
+2. Make the student — text: teacher layers kept by selection, optionally
+   narrower feed-forward blocks (``edgemm.export.distill``); image: a smaller,
+   lower-resolution convolutional net (``edgemm.export.distill_image``) — and
+   distil it on the user's texts or images or on packaged data, with a held-out
+   split kept apart by group. Checkpoints go to ``<out>.distill/``; running the
+   same command again after an interruption resumes there.
+3. Export the student as the bundle's graph for that tower (the same output
+   space as the teacher's; an image student records its own input size) and
+   verify it against its PyTorch module like every export.
 4. Gate the staged student bundle against the teacher bundle on held-out data
    (the quantization gate's figures: embedding cosine, zero-shot top-1 of both
    side by side, retrieval recall), plus zero-shot *retention* (student top-1 /
-   teacher top-1), and measure the text graph's speed-up at batch 32. A student
-   below the user's thresholds is not written unless the degradation is accepted.
+   teacher top-1), and measure the graph's speed-up (text: batch 32; image: one
+   frame and batch 16). A student below the user's thresholds is not written
+   unless the degradation is accepted.
 
 Everything happens in a staging directory; the bundle appears only at the end.
 This is workstation code: it needs the ``export`` extra (torch, transformers).
@@ -26,6 +28,7 @@ This is workstation code: it needs the ``export`` extra (torch, transformers).
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -333,8 +336,6 @@ def image_side_of(bundle: Bundle, threads: int | None = None) -> ImageSide:
     import torch
 
     from edgemm.export import distill_image as di
-
-    import hashlib
 
     m = _check_source(bundle, "image")
     runtime = DualEncoder(bundle, threads=threads)
