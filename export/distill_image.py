@@ -19,7 +19,8 @@ options, checkpoints and report it shares):
 3. Losses: for a classifier teacher (the default model) the softened class
    distribution at the tower's own temperature (Hinton et al. 2015), which is
    what its embedding and class scores are made of; for an embedding teacher
-   1 − cosine in the shared space.
+   the text students' embedding losses: 1 − cosine in the shared space, plus
+   MSE and in-batch similarity KL when the options weigh them.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from edgemm.export.distill import (
     DistillReport,
     Progress,
     _hash_module,
+    _loss,
     _start,
     _Task,
     _threads,
@@ -499,9 +501,9 @@ def distill_image(teacher: ImageTeacher, student: nn.Module, student_preprocess:
         if teacher.kind == "logits":
             def loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
                 return logit_kd_loss(out, target, teacher.temperature)
-        else:
+        else:  # the text students' embedding losses (cosine, MSE, in-batch similarity KL), as the options weigh them
             def loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-                return (1.0 - F.cosine_similarity(out, target, dim=-1)).mean() * options.cosine_weight
+                return _loss(out, target, None, options)
 
         task = _Task("images", lambda idx, held: {"pixels": (held_pixels if held else train_pixels)(idx)},
                      (np.zeros(len(views)), np.zeros(len(held_views))), loss, embed=teacher.embed)

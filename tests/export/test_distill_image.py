@@ -175,3 +175,10 @@ def test_an_embedding_teacher_gets_a_projected_conv_student_fitted_by_least_squa
     student, report = distill_image(teacher, student, replace(LITE_IMAGE, size=48), train, held, options)
     assert report.initial_mean_cosine > 0.5  # the least-squares read-out already points the right way
     assert student(torch.zeros(1, 3, 48, 48)).shape == (1, 16)
+
+    # the text students' loss terms apply: the in-batch similarity KL adds to the same untrained student's loss
+    _, weighted = distill_image(teacher, conv_student(ImageStudentSpec(48, depth=1), 16), replace(LITE_IMAGE, size=48),
+                                train, held, replace(options, max_steps=1, similarity_weight=1.0))
+    before, with_kl = report.history[0], weighted.history[0]
+    assert with_kl["held_out_mean_cosine"] == pytest.approx(before["held_out_mean_cosine"], abs=1e-5)
+    assert with_kl["held_out_loss"] > before["held_out_loss"] + 1e-4
