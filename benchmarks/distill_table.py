@@ -2,7 +2,7 @@
 
 For each bundle: both graphs' sizes; the text graph's latency at batch 32 on
 real held-out texts and the image graph's on one camera-sized frame (ONNX
-Runtime, CPU, alternating rounds over all bundles so load falls on each alike;
+Runtime, CPU, alternating blocks over all bundles so load falls on each alike;
 median); each tower's embedding cosine to the teacher's (held-out texts; the
 sample photos and Fashion-MNIST test images); zero-shot top-1 on the
 Fashion-MNIST test split (its class names as labels) and on the sample photos.
@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 import edgemm
+from edgemm._distill import graph_speed
 from edgemm._eval import eval_fashion_mnist, eval_sample_photos
 from edgemm.export.distill import default_text_corpus, split_corpus
 from edgemm.runtime.datasets import fashion_mnist, sample_photos
@@ -31,8 +31,6 @@ from edgemm.runtime.datasets import fashion_mnist, sample_photos
 from _common import FRAME_SIZE, device_info, frame_from_photo, print_device, write_json  # beside this script
 
 BATCH = 32
-ROUNDS = 9
-CALLS = 3  # per bundle per round
 COSINE_IMAGES = 500  # Fashion-MNIST test images in the image cosine, besides the sample photos
 
 
@@ -50,17 +48,8 @@ def latency(models: dict[str, edgemm.DualEncoder], texts: list[str], frame: np.n
     for name, m in models.items():
         runs[name, "text"] = (m.text_backend, m.text_feeds(texts[:BATCH]))
         runs[name, "image"] = (m.image_backend, {"pixels": m.preprocess([frame])})
-    times: dict[tuple[str, str], list[float]] = {k: [] for k in runs}
-    for backend, feeds in runs.values():
-        backend.infer(feeds)
-    for r in range(ROUNDS):
-        for key in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
-            backend, feeds = runs[key]
-            for _ in range(CALLS):
-                t0 = time.perf_counter()
-                backend.infer(feeds)
-                times[key].append((time.perf_counter() - t0) * 1e3)
-    return {name: {graph: float(np.median(times[name, graph])) for graph in ("text", "image")} for name in models}
+    ms = graph_speed(runs)  # every graph of every bundle in one alternating measurement
+    return {name: {graph: ms[name, graph] for graph in ("text", "image")} for name in models}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ What one worker does, in order:
 4. only then, if asked, builds the PyTorch reference (which imports torch) and,
    per task and batch, times its towers and the bundle's graph on the same
    input arrays in alternating blocks, so background load falls on both
-   (see ``_interleaved``).
+   (see ``interleaved``).
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ def _repeat(call: Callable[[], dict[str, float]], *, warmup: int, min_time: floa
     return samples
 
 
-def _interleaved(sides: Mapping[str, Callable[[], Any]], *, warmup: int, min_time: float,
+def interleaved(sides: Mapping[str, Callable[[], Any]], *, warmup: int, min_time: float,
                  min_iters: int) -> dict[str, list[float]]:
     """Milliseconds per call of each side, run in alternating blocks.
 
@@ -338,7 +338,7 @@ def _run_reference(job: Mapping[str, Any], model: Any, points: list[dict[str, An
         cosine = _cosine_min(ours()["embedding"], theirs())
         background = BackgroundLoad()
         background.start()
-        times = _interleaved({"edgemm": ours, "reference": theirs}, warmup=int(job["warmup"]),
+        times = interleaved({"edgemm": ours, "reference": theirs}, warmup=int(job["warmup"]),
                              min_time=float(job["min_time"]), min_iters=int(job["min_iters"]))
         ref_p50 = summarize(times["reference"])["p50"]
         ours_p50 = summarize(times["edgemm"])["p50"]

@@ -33,11 +33,13 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edgemm._bench_worker import interleaved
 from edgemm._gate import GateThresholds, compare, measure, summary
 from edgemm._model import DualEncoder
 from edgemm.runtime.bundle import Bundle
@@ -46,7 +48,8 @@ from edgemm.runtime.errors import BundleError, InputError, VerificationError
 TOWERS = ("text", "image")  # towers a student can replace
 SPEED_BATCH = 32  # texts per call when timing teacher vs student
 IMAGE_SPEED_BATCH = 16  # images per call in the batched image timing (besides one frame)
-SPEED_ROUNDS = 7  # alternating rounds; each times 3 calls per side
+SPEED_SECONDS = 3.0  # least time the timing runs (alternating blocks of calls, the benchmark harness's way)
+SPEED_CALLS = 21  # least calls per side
 TEACHER_MATCH = 0.9999  # least cosine between the rebuilt teacher and the bundle's text graph
 
 
@@ -202,18 +205,10 @@ def _retention(report: dict[str, Any]) -> dict[str, Any]:
             "retention": student / teacher if teacher else 1.0}
 
 
-def graph_speed(runs: dict[str, tuple[Any, dict[str, np.ndarray]]]) -> dict[str, float]:
-    """Median ms per call of each (backend, feeds), timed in alternating rounds so load falls on each alike."""
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for backend, feeds in runs.values():
-        backend.infer(feeds)
-    for r in range(SPEED_ROUNDS):
-        for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
-            backend, feeds = runs[name]
-            for _ in range(3):
-                t0 = time.perf_counter()
-                backend.infer(feeds)
-                times[name].append((time.perf_counter() - t0) * 1e3)
+def graph_speed(runs: dict[Any, tuple[Any, dict[str, np.ndarray]]]) -> dict[Any, float]:
+    """Median ms per call of each (backend, feeds), timed as ``edgemm bench`` times: alternating blocks."""
+    times = interleaved({name: partial(backend.infer, feeds) for name, (backend, feeds) in runs.items()},
+                        warmup=1, min_time=SPEED_SECONDS, min_iters=SPEED_CALLS)
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
