@@ -10,6 +10,9 @@ what that model is:
 
 Quantized bundles keep their source's ``source`` (plus ``quantized_from``), so
 their reference is the fp32 source model, which is the point of comparing them.
+A tower replaced by a distilled student (``source.distilled_from``) has no
+reference: its PyTorch module is not kept, and timing the teacher in its place
+would credit distillation to the runtime. The other tower keeps its reference.
 
 When no reference can be built (no source recorded, the folder is not on this
 machine, torch missing, a different CUDA setup), :func:`torch_reference`
@@ -40,6 +43,10 @@ class Reference:
         text_tower: token tensors by name → unit embedding (N, dim); it picks the
             names it takes (SigLIP takes ``input_ids`` only).
         device: torch device the towers run on (``"cpu"``, ``"cuda"``).
+
+    Attributes:
+        unavailable: Task (``"image"``, ``"text"``) → why this reference does
+            not stand for the bundle's graph of that tower (a distilled student).
     """
 
     kind = REFERENCE_KIND
@@ -50,6 +57,7 @@ class Reference:
         self.device = device
         self._image = image_tower
         self._text = text_tower
+        self.unavailable: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"Reference({self.description!r}, device={self.device!r})"
@@ -144,9 +152,13 @@ def torch_reference(manifest: Manifest, *, threads: int | None = None,
         except RuntimeError:  # only settable before torch's first parallel work; then it stays as it was
             pass
     try:
-        if kind == "default":
-            return _default_reference(device), None
-        return _huggingface_reference(folder, device), None
+        reference = _default_reference(device) if kind == "default" else _huggingface_reference(folder, device)
     except (EdgemmError, ImportError, OSError) as e:
         # e.g. the packaged weights or transformers are missing, or the folder is incomplete.
         return None, f"building the PyTorch reference failed: {type(e).__name__}: {e}"
+    for tower in manifest.distilled_towers:
+        reference.unavailable[tower] = (
+            f"the {tower} graph is a distilled student whose PyTorch module is not kept; timing its teacher instead "
+            "would credit distillation to the runtime (the teacher-vs-student speed-up is in the manifest, "
+            "verification.distillation.speed)")
+    return reference, None

@@ -117,6 +117,15 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def distilled_towers(self) -> list[str]:
+        """The towers ("text", "image") replaced by distilled students, latest first (``source.distilled_from``)."""
+        towers, entry = [], self.source.get("distilled_from")
+        while entry:
+            towers.append(entry["tower"])
+            entry = entry.get("earlier")
+        return towers
+
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "manifest") -> Manifest:
         """Build a manifest from its JSON form, checking schema and fields.

@@ -463,13 +463,14 @@ def _row(settings: BenchSettings, bundle: str, backend: str, group: tuple[str, .
          point: Mapping[str, Any]) -> dict[str, Any]:
     task, batch = point["task"], point["batch"]
     notes = run_notes(out["precision"], group)
-    reference, unavailable = None, "not measured (--no-reference)"
+    reference, unavailable, match = None, "not measured (--no-reference)", None
     ref = out.get("reference")
     if ref is not None and not ref["available"]:
         unavailable = ref["reason"]
     elif ref is not None:
-        unavailable = None
         match = next(p for p in ref["points"] if p["task"] == task and p["batch"] == batch)
+        unavailable = match.get("unavailable")  # this tower has no reference (a distilled student)
+    if match is not None and unavailable is None:
         reference = {"kind": ref["kind"], "description": ref["description"], "device": ref["device"],
                      "threads": ref["torch_threads"], "iterations": match["iterations"],
                      "inference_ms_p50": match["inference_ms_p50"],

@@ -327,6 +327,9 @@ def _run_reference(job: Mapping[str, Any], model: Any, points: list[dict[str, An
     per_point: list[dict[str, Any]] = []
     for point in points:
         batch = point["batch"]
+        if point["task"] in reference.unavailable:
+            per_point.append({"task": point["task"], "batch": batch, "unavailable": reference.unavailable[point["task"]]})
+            continue
         if point["task"] == "image":
             pixels = model.preprocess.fn(image_inputs(batch), color="bgr")
             ours = partial(image_infer, _cast({"pixels": pixels}, model.image_backend))

@@ -115,15 +115,6 @@ def _checkpoint_teacher(bundle: Bundle, runtime: DualEncoder, images: Sequence[A
                    f"{ckpt.arch.model_class} from {folder}")
 
 
-def distilled_towers(source: dict[str, Any]) -> list[str]:
-    """The towers a bundle's manifest ``source`` says were distilled, latest first."""
-    towers, entry = [], source.get("distilled_from")
-    while entry:
-        towers.append(entry["tower"])
-        entry = entry.get("earlier")
-    return towers
-
-
 def _check_source(bundle: Bundle, tower: str) -> Any:
     """The manifest of a bundle whose ``tower`` can be distilled: an fp32 dual encoder, that tower its teacher's."""
     m = bundle.manifest
@@ -131,7 +122,7 @@ def _check_source(bundle: Bundle, tower: str) -> Any:
         raise BundleError(f"'{bundle.path}' is a {m.family!r} bundle; distil the dual encoder it was built on.")
     if m.precision != "fp32":
         raise BundleError(f"'{bundle.path}' is {m.precision}; distil the fp32 bundle, then quantize the student.")
-    if tower in distilled_towers(m.source):
+    if tower in m.distilled_towers:
         raise BundleError(f"the {tower} tower of '{bundle.path}' is already a distilled student; distil from its "
                           f"teacher bundle '{m.source['distilled_from'].get('path')}'.")
     return m

@@ -51,6 +51,17 @@ def test_the_student_is_an_ordinary_bundle_with_its_report(student, tiny_clip_bu
     assert not out.with_name(out.name + ".distill").exists()  # the checkpoint is removed once written
 
 
+def test_bench_has_no_pytorch_reference_for_the_distilled_tower_only(student, tmp_path):
+    out, _, _ = student
+    run_cli("bench", out, "--batch", "1", "--report", tmp_path / "bench", "--threads", "1", "--warmup", "1",
+            "--min-time", "0.05", "--min-iters", "3", "-q")
+    rows = {r["task"]: r for r in json.loads((tmp_path / "bench" / "report.json").read_text())["results"]}
+    assert rows["text"]["reference"] is None and "distilled student" in rows["text"]["reference_unavailable"]
+    assert rows["image"]["reference_unavailable"] is None  # the teacher's own image tower, measured
+    assert rows["image"]["reference"]["embedding_cosine_min"] > 0.9999
+    assert "distilled student" in (tmp_path / "bench" / "report.md").read_text()
+
+
 def test_a_distilled_tower_is_not_distilled_again(student, tmp_path):
     out, _, _ = student
     with pytest.raises(BundleError, match="text tower .* is already a distilled student"):
