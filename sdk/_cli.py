@@ -179,6 +179,17 @@ def cmd_info(args: argparse.Namespace) -> int:
               f"/{gate['image_cosine']['worst']:.4f}, text {gate['text_cosine']['mean']:.4f}/"
               f"{gate['text_cosine']['worst']:.4f}, top-1 agreement {gate['top1_agreement']:.1%}; "
               f"nodes kept in float: {kept}")
+    distill = m.verification.get("distillation")
+    while distill:  # latest first; "earlier" holds the other tower's distillation
+        cos, r, speed = distill["gate"][f"{distill['tower']}_cosine"], distill["retention"], distill["speed"]
+        batch = f"batch {speed['batch']}" if distill["tower"] == "text" else "one frame"
+        spec = ",".join(f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}"
+                        for k, v in distill["student"].items() if v is not None)
+        print(f"  distilled: {distill['tower']} student {spec} of {distill['teacher']}; gate "
+              f"{'passed' if distill['passed'] else 'FAILED (accepted)'}: {distill['tower']} cosine {cos['mean']:.4f}"
+              f"/{cos['worst']:.4f}, zero-shot top-1 {r['teacher_top1']:.1%} -> {r['student_top1']:.1%} "
+              f"(retention {r['retention']:.1%}), {speed['speedup']:.2f}x at {batch}")
+        distill = distill.get("earlier")
     print(f"  scoring: {m.scoring.kind}; files: {len(m.files)} (sha256 checked: {not args.no_verify})")
     print(f"  made with: {', '.join(f'{k} {v}' for k, v in m.tools.items())}; created {m.created}")
     return 0

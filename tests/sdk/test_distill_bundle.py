@@ -49,6 +49,9 @@ def test_the_student_is_an_ordinary_bundle_with_its_report(student, tiny_clip_bu
     cos = (teacher.embed_texts(texts) * model.embed_texts(texts)).sum(1)
     assert cos.shape == (2,) and (abs(cos) <= 1.0001).all()
     assert not out.with_name(out.name + ".distill").exists()  # the checkpoint is removed once written
+    shown = run_cli("info", out).stdout
+    assert f"distilled: text student layers=1 of {info['teacher']}; gate passed: text cosine" in shown
+    assert f"{info['speed']['speedup']:.2f}x at batch {info['speed']['batch']}" in shown
 
 
 def test_bench_has_no_pytorch_reference_for_the_distilled_tower_only(student, tmp_path):
