@@ -1,90 +1,122 @@
-"""ONNX Runtime thread-pool spinning, on and off, for calls that run several graphs in a row.
+"""ONNX Runtime thread-pool spinning, on and off, for the public calls of each kind of model.
 
 ONNX Runtime's intra-op threads spin for a while after each run
 (``session.intra_op.allow_spinning``, on by default). A call that runs several
 sessions back to back (``match``: image graph with patch tokens, text graph,
-fusion head) can then have one session's idle threads spinning while the next
-session needs the cores. This times the matching model's three graphs in
-sequence and the image graph alone, with spinning on and off, in alternating
-rounds (same inputs, same threads).
+fusion head; ``classify_av``: frames through the image graph, then the audio
+graph) can then have one session's idle threads spinning while the next
+session needs the cores, and even a camera loop's ``classify(frame)`` (one
+graph) has the frame's preprocessing wanting the cores the graph's threads
+spin on. ``edgemm.load(..., spinning=...)`` chooses; the default
+(``DualEncoder.SPINNING``) is off, from this benchmark on a 2-core CPU. On a
+device with many cores, run it there: spinning costs less when cores are spare.
+
+This loads each model twice (spinning on, spinning off) and times the same
+calls on the same inputs with the benchmark harness's alternating blocks.
 
 Usage:
-    python benchmarks/bench_spinning.py [--bundle /tmp/b/matching] [--threads 2] [--rounds 12]
+    python benchmarks/bench_spinning.py [--default bundles/default] [--matching bundles/matching]
+                                        [--audio-visual bundles/av]
+                                        [--threads 2] [--min-time 6] [--json out.json] [--markdown out.md]
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-import cv2
 import numpy as np
-import onnxruntime as ort
 
 import edgemm
+from edgemm._bench_worker import interleaved
+from edgemm.export.models.audio_visual import build_audio_visual_bundle
 from edgemm.export.models.matching import PROMPT, build_matching_bundle
-from edgemm.runtime.datasets import emoji
+from edgemm.runtime.datasets import emoji, sample_photos
 
-from _common import device_info, print_device  # shared helpers beside this script
+from _common import device_info, frame_from_photo, print_device, write_json  # shared helpers beside this script
 
-ROLES = ("image_encoder", "text_encoder", "fusion")
+SETTINGS = {"spinning on": True, "spinning off": False}
+CLIP_FRAMES = 8  # frames of an audio-visual clip, with 1 s of sound
+NOISE = Path("/usr/share/sounds/alsa/Noise.wav")  # real recording (alsa-utils), as the tests use
 
 
-def sessions(model, threads: int, spin: bool) -> dict[str, ort.InferenceSession]:
-    out = {}
-    for role in ROLES:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-        out[role] = ort.InferenceSession(str(model.bundle.graph_path(role)), options,
-                                         providers=["CPUExecutionProvider"])
+def _bundle(path: str, build: Callable[[str], Any]) -> str:
+    if not (Path(path) / "manifest.json").is_file():
+        print(f"building {path} ...", flush=True)
+        build(path)
+    return path
+
+
+def cases(args: argparse.Namespace) -> dict[str, dict[str, Callable[[], Any]]]:
+    """Case → setting → a call of the public API, on one model per setting."""
+    frame = frame_from_photo(sample_photos()[0].image)
+    name, picture = emoji()[0]
+    out: dict[str, dict[str, Callable[[], Any]]] = {}
+    if args.default:
+        models = {k: edgemm.load(args.default, threads=args.threads, spinning=v) for k, v in SETTINGS.items()}
+        for m in models.values():
+            m.classify(frame)
+        out["default: classify(frame)"] = {k: (lambda m=m: m.classify(frame)) for k, m in models.items()}
+        texts = [PROMPT.format(n) for n, _ in emoji()[:32]]
+        out["default: embed_texts(32 texts)"] = {k: (lambda m=m: m.embed_texts(texts)) for k, m in models.items()}
+    matching = _bundle(args.matching, build_matching_bundle)
+    models = {k: edgemm.load(matching, threads=args.threads, spinning=v) for k, v in SETTINGS.items()}
+    text = PROMPT.format(name)
+    out["matching: match(frame, text), 3 graphs"] = {k: (lambda m=m: m.match(picture, text, color="rgb"))
+                                                     for k, m in models.items()}
+    for m in models.values():
+        m.classify(frame)  # label embeddings cached, as in a camera loop
+    out["matching: classify(frame), image graph alone"] = {k: (lambda m=m: m.classify(frame))
+                                                           for k, m in models.items()}
+    if args.audio_visual:
+        av = _bundle(args.audio_visual, build_audio_visual_bundle)
+        models = {k: edgemm.load(av, threads=args.threads, spinning=v) for k, v in SETTINGS.items()}
+        frames = [frame] * CLIP_FRAMES
+        for m in models.values():
+            m.classify_av(frames, NOISE)
+        out[f"audio-visual: classify_av({CLIP_FRAMES} frames, {NOISE.name})"] = {
+            k: (lambda m=m: m.classify_av(frames, NOISE)) for k, m in models.items()}
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bundle", default="/tmp/b/matching", help="matching bundle (built there if missing)")
+    parser.add_argument("--default", default=None, help="a dual-encoder bundle (e.g. bundles/default)")
+    parser.add_argument("--matching", default="bundles/matching", help="matching bundle (built there if missing)")
+    parser.add_argument("--audio-visual", default=None, help="audio-visual bundle (built there if missing)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=12, help="alternating rounds of 5 calls per setting")
+    parser.add_argument("--min-time", type=float, default=6.0, help="seconds per case, at least")
+    parser.add_argument("--json", dest="json_path")
+    parser.add_argument("--markdown", dest="markdown_path")
     args = parser.parse_args(argv)
     info = device_info(args.threads)
-    if not (Path(args.bundle) / "manifest.json").is_file():
-        build_matching_bundle(args.bundle)
-    model = edgemm.load(args.bundle, threads=args.threads)
-    name, rgb = emoji()[0]
-    pixels = model.preprocess([cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)])
-    tokens = model.tokenizer([PROMPT.format(name)])
-    text_feeds = {k: tokens[k] for k in model._text_inputs}
-    image = model.image_backend.infer({"pixels": pixels})
-    text = model.text_backend.infer(text_feeds)
-    fusion_feeds = {"image_embedding": image["embedding"], "image_tokens": image["image_tokens"],
-                    "text_embedding": text["embedding"]}
-    feeds = {"image_encoder": {"pixels": pixels}, "text_encoder": text_feeds, "fusion": fusion_feeds}
-    settings = {"spinning on (default)": sessions(model, args.threads, True),
-                "spinning off": sessions(model, args.threads, False)}
-    cases = {"3 graphs in a row (a match call)": ROLES, "image graph alone": ("image_encoder",)}
     rows = []
-    for case, roles in cases.items():
-        times: dict[str, list[float]] = {k: [] for k in settings}
-        for s in settings.values():
-            for _ in range(5):
-                for role in roles:
-                    s[role].run(None, feeds[role])
-        for r in range(args.rounds):
-            for key in (list(settings) if r % 2 == 0 else list(settings)[::-1]):
-                for _ in range(5):
-                    t0 = time.perf_counter()
-                    for role in roles:
-                        settings[key][role].run(None, feeds[role])
-                    times[key].append((time.perf_counter() - t0) * 1e3)
-        rows.append((case, {k: (float(np.median(v)), float(np.percentile(v, 90))) for k, v in times.items()}))
+    for case, sides in cases(args).items():
+        times = interleaved(sides, warmup=3, min_time=args.min_time, min_iters=30)
+        p50 = {k: float(np.median(v)) for k, v in times.items()}
+        rows.append({"case": case, **{f"{k} p50 ms": v for k, v in p50.items()},
+                     "off / on": p50["spinning off"] / p50["spinning on"], "calls": min(map(len, times.values()))})
+        print(rows[-1], flush=True)
+    lines = ["| case | spinning on, p50 | spinning off, p50 | off / on |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['case']} | {r['spinning on p50 ms']:.2f} ms | {r['spinning off p50 ms']:.2f} ms | "
+              f"{r['off / on']:.2f} |" for r in rows]
+    table = "\n".join(lines)
+    print()
     print_device(info)
-    print("| case | " + " | ".join(f"{k} p50 (p90)" for k in settings) + " |")
-    print("|---|" + "---:|" * len(settings))
-    for case, values in rows:
-        print(f"| {case} | " + " | ".join(f"{p50:.2f} ms ({p90:.2f})" for p50, p90 in values.values()) + " |")
+    print(table)
+    if args.markdown_path:
+        Path(args.markdown_path).write_text(
+            f"## ONNX Runtime spinning, on and off ({info['cpu_model']}, {args.threads} threads, load avg at start "
+            f"{info['loadavg_1m']})\n\n{table}\n\nEach model loaded twice (`edgemm.load(..., spinning=True/False)`), "
+            f"the same calls timed in alternating blocks (the `edgemm bench` harness). Below 1 in the last column: "
+            f"spinning off is faster. Reproduce: `python benchmarks/bench_spinning.py "
+            f"{'--default ' + args.default + ' ' if args.default else ''}--matching {args.matching}"
+            f"{' --audio-visual ' + args.audio_visual if args.audio_visual else ''} --threads {args.threads}`.\n")
+    if args.json_path:
+        write_json(args.json_path, {"device": info, "rows": rows})
     return 0
 
 

@@ -25,7 +25,6 @@ import numpy as np
 
 from edgemm._model import FAMILIES, DualEncoder, Prediction, _check_labels, _check_positive_int
 from edgemm.runtime.audio import AudioPreprocessor, to_mono
-from edgemm.runtime.backends import open_backend
 from edgemm.runtime.bundle import Bundle
 from edgemm.runtime.errors import BundleError, InputError
 from edgemm.runtime.image import IMAGE_SUFFIXES
@@ -104,11 +103,12 @@ class AudioVisual(DualEncoder):
         backend: Backend name (``"onnxruntime"``).
         providers: Execution providers for ONNX Runtime, e.g. ``("cpu",)`` or ``("cuda",)``.
         threads: Intra-op threads per graph; ``None`` uses every core.
+        spinning: Whether ONNX Runtime's idle threads spin after a run (``None``: off).
     """
 
     def __init__(self, bundle: Bundle, *, backend: str = "onnxruntime",
-                 providers: Sequence[str] = ("cpu",), threads: int | None = None):
-        super().__init__(bundle, backend=backend, providers=providers, threads=threads)
+                 providers: Sequence[str] = ("cpu",), threads: int | None = None, spinning: bool | None = None):
+        super().__init__(bundle, backend=backend, providers=providers, threads=threads, spinning=spinning)
         m = self.manifest
         if m.audio is None or "audio_encoder" not in m.graphs or m.scoring.audio_output is None:
             raise BundleError(f"bundle '{bundle.path}' has no audio graph or audio preprocessing; "
@@ -116,8 +116,7 @@ class AudioVisual(DualEncoder):
         if self._class_embeddings is None:
             raise BundleError(f"bundle '{bundle.path}': audio-visual fusion needs class-space scoring, "
                               f"got {m.scoring.kind!r}.")
-        self.audio_backend = open_backend(bundle.graph_path("audio_encoder"), backend,
-                                          providers=tuple(providers), threads=threads)
+        self.audio_backend = self._open(bundle, "audio_encoder", backend)
         self.audio_preprocess = AudioPreprocessor(m.audio)
         self.audio_weight = _check_weight(m.scoring.audio_weight)
         self.video_pooling = _check_pooling(m.scoring.video_pooling)

@@ -19,7 +19,6 @@ import numpy as np
 
 from edgemm._index import Hit
 from edgemm._model import FAMILIES, DualEncoder, Prediction, _check_positive_int, _is_batch
-from edgemm.runtime.backends import open_backend
 from edgemm.runtime.bundle import Bundle
 from edgemm.runtime.errors import BundleError, InputError
 
@@ -58,19 +57,19 @@ class FusionModel(DualEncoder):
         backend: Backend name (``"onnxruntime"``).
         providers: Execution providers for ONNX Runtime, e.g. ``("cpu",)`` or ``("cuda",)``.
         threads: Intra-op threads per graph; ``None`` uses every core.
+        spinning: Whether ONNX Runtime's idle threads spin after a run (``None``: off).
     """
 
     def __init__(self, bundle: Bundle, *, backend: str = "onnxruntime",
-                 providers: Sequence[str] = ("cpu",), threads: int | None = None):
-        super().__init__(bundle, backend=backend, providers=providers, threads=threads)
+                 providers: Sequence[str] = ("cpu",), threads: int | None = None, spinning: bool | None = None):
+        super().__init__(bundle, backend=backend, providers=providers, threads=threads, spinning=spinning)
         f = self.manifest.fusion
         if f is None or "fusion" not in self.manifest.graphs:
             raise BundleError(f"bundle '{bundle.path}' has no fusion graph or fusion entry; it is not a fusion bundle.")
         if f.task not in TASKS:
             raise BundleError(f"bundle '{bundle.path}': unknown fusion task {f.task!r}; upgrade edgemm.")
         self.fusion = f
-        self.fusion_backend = open_backend(bundle.graph_path("fusion"), backend, providers=tuple(providers),
-                                           threads=threads)
+        self.fusion_backend = self._open(bundle, "fusion", backend)
         self._sources: dict[str, tuple[str, str]] = {}
         outputs = {role: {t.name for t in g.outputs} for role, g in self.manifest.graphs.items()}
         for name, source in f.inputs.items():

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from edgemm.runtime.backends import open_backend
+from edgemm.runtime.backends import Backend, open_backend
 from edgemm.runtime.bundle import Bundle
 from edgemm.runtime.errors import BundleError, InputError
 from edgemm.runtime.image import ImagePreprocessor
@@ -68,19 +68,28 @@ class DualEncoder:
         backend: Backend name (``"onnxruntime"``).
         providers: Execution providers for ONNX Runtime, e.g. ``("cpu",)`` or ``("cuda",)``.
         threads: Intra-op threads per graph; ``None`` uses every core.
+        spinning: Whether ONNX Runtime's idle threads spin after a run
+            (``None``: ``SPINNING``, off). Spinning threads hold the cores that the
+            frame's preprocessing and the next graph need: with it off,
+            ``classify(frame)`` took 9.2 ms instead of 16.0 on 2 cores, and batched
+            text embedding was unchanged (``benchmarks/bench_spinning.py``).
     """
 
+    SPINNING: bool | None = False  # the default for every family (None would leave ONNX Runtime's: on)
+
     def __init__(self, bundle: Bundle, *, backend: str = "onnxruntime",
-                 providers: Sequence[str] = ("cpu",), threads: int | None = None):
+                 providers: Sequence[str] = ("cpu",), threads: int | None = None, spinning: bool | None = None):
         m = bundle.manifest
         if m.image is None or m.text is None:
             raise BundleError(f"bundle '{bundle.path}' lacks image or text preprocessing; it is not a dual encoder.")
         self.bundle = bundle
         self.manifest = m
         self.dim = m.embedding_dim
-        options = {"providers": tuple(providers), "threads": threads}
-        self.image_backend = open_backend(bundle.graph_path("image_encoder"), backend, **options)
-        self.text_backend = open_backend(bundle.graph_path("text_encoder"), backend, **options)
+        spinning = self.SPINNING if spinning is None else spinning
+        self._backend_options: dict[str, Any] = {"providers": tuple(providers), "threads": threads,
+                                                 **({} if spinning is None else {"spinning": spinning})}
+        self.image_backend = self._open(bundle, "image_encoder", backend)
+        self.text_backend = self._open(bundle, "text_encoder", backend)
         self.preprocess = ImagePreprocessor(m.image)
         self.tokenizer = TextTokenizer(bundle.file(m.text.tokenizer), max_length=m.text.max_length,
                                        pad_id=m.text.pad_id, padding=m.text.padding)
@@ -93,6 +102,10 @@ class DualEncoder:
         if m.scoring.kind not in SCORING_KINDS:
             raise BundleError(f"bundle '{bundle.path}': unknown scoring kind {m.scoring.kind!r}; upgrade edgemm.")
         self._label_cache: OrderedDict[tuple[str, ...], np.ndarray] = OrderedDict()
+
+    def _open(self, bundle: Bundle, role: str, backend: str) -> Backend:
+        """Open one of the bundle's graphs with this model's providers, threads and spinning."""
+        return open_backend(bundle.graph_path(role), backend, **self._backend_options)
 
     def __repr__(self) -> str:
         return f"DualEncoder({str(self.bundle.path)!r}, dim={self.dim}, precision={self.manifest.precision!r})"
@@ -273,7 +286,8 @@ def _build_default(name: str) -> Path:
 
 
 def load(path: str | os.PathLike | None = None, *, default: str = "default", backend: str = "onnxruntime",
-         providers: Sequence[str] = ("cpu",), threads: int | None = None, check_hashes: bool = True) -> DualEncoder:
+         providers: Sequence[str] = ("cpu",), threads: int | None = None, check_hashes: bool = True,
+         spinning: bool | None = None) -> DualEncoder:
     """Load a bundle; with no path, a built-in model (built on first use).
 
     Args:
@@ -287,6 +301,9 @@ def load(path: str | os.PathLike | None = None, *, default: str = "default", bac
         providers: Execution providers, e.g. ``("cpu",)``, ``("cuda",)``; an unavailable one is an error.
         threads: Intra-op threads per graph; ``None`` uses every core.
         check_hashes: Verify every bundle file against the manifest's sha256.
+        spinning: Whether ONNX Runtime's idle threads spin after a run; ``None``:
+            ``DualEncoder.SPINNING`` (off: faster for every public call measured on
+            a 2-core CPU; ``benchmarks/bench_spinning.py`` measures a device).
 
     Returns:
         The model: a :class:`DualEncoder`, or the family's subclass (e.g. :class:`AudioVisual`).
@@ -304,4 +321,4 @@ def load(path: str | os.PathLike | None = None, *, default: str = "default", bac
             f"bundle '{bundle.path}' is of family {bundle.manifest.family!r}, which this edgemm cannot run "
             f"(supported: {sorted(FAMILIES)}). Upgrade edgemm."
         )
-    return family(bundle, backend=backend, providers=providers, threads=threads)
+    return family(bundle, backend=backend, providers=providers, threads=threads, spinning=spinning)

@@ -7,6 +7,7 @@ import pytest
 
 from edgemm.runtime.backends import open_backend
 from edgemm.runtime.errors import BackendError, InputError
+from sessions import spinning_entry
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +53,18 @@ def test_unavailable_provider_is_an_error_not_a_fallback(default_bundle):
         open_backend(default_bundle / "text_encoder.onnx", providers=("cuda",))
 
 
+def test_spinning_is_set_on_the_session_only_when_asked(default_bundle, text_backend):
+    path = default_bundle / "text_encoder.onnx"
+    off, on = open_backend(path, threads=1, spinning=False), open_backend(path, threads=1, spinning=True)
+    assert (spinning_entry(off), spinning_entry(on), spinning_entry(text_backend)) == ("0", "1", None)
+    np.testing.assert_allclose(off.infer(feeds())["embedding"], text_backend.infer(feeds())["embedding"], atol=1e-6)
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"backend": "tensorflow"}, "unknown backend 'tensorflow'"),
     ({"providers": ("npu",)}, "unknown provider 'npu'"),
     ({"threads": 0}, "threads must be a positive integer"),
+    ({"spinning": "no"}, "spinning must be True, False or None"),
 ])
 def test_bad_backend_options(default_bundle, kwargs, message):
     with pytest.raises(BackendError, match=message):

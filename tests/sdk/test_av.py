@@ -11,6 +11,7 @@ import pytest
 
 import edgemm
 from clirun import run_cli
+from sessions import spinning_entry
 from edgemm.runtime.audio import read_wav
 
 ALSA = Path("/usr/share/sounds/alsa")
@@ -33,6 +34,8 @@ def test_bundle_is_verified_and_loads_as_audio_visual(av_bundle, av_model):
     assert report["passed"] and "alsa" in report["inputs"] and max(report["max_abs_diff"].values()) < 1e-4
     assert manifest["audio"]["sample_rate"] == 22050
     assert isinstance(av_model, edgemm.AudioVisual) and av_model.audio_weight == 0.5
+    # a clip runs the image graph, then the audio graph: no spinning threads in between (the default)
+    assert [spinning_entry(b) for b in (av_model.image_backend, av_model.audio_backend)] == ["0", "0"]
 
 
 def test_audio_only_hears_the_sea_in_noise_and_says_video_is_missing(av_model):

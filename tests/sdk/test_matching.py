@@ -10,6 +10,7 @@ from PIL import Image
 
 import edgemm
 from clirun import run_cli
+from sessions import spinning_entry
 from edgemm.export.models.matching import (CONFIG, PROMPT, build_matching_bundle, load_matching_head,
                                            permutation_pairs, split_rows)
 from edgemm.runtime.datasets import EMOJI_FONT, emoji
@@ -74,6 +75,18 @@ def test_the_runtime_reproduces_the_held_out_pair_accuracy(model, held_out):
     assert accuracy == pytest.approx(record["held_out"]["pair_accuracy"], abs=0.03)
     cosine = record["cosine_baseline"]["pair_accuracy"]
     assert accuracy > cosine + 0.1
+
+
+def test_every_graph_of_a_match_runs_without_spinning_unless_asked(model, bundle, held_out):
+    backends = (model.image_backend, model.text_backend, model.fusion_backend)
+    assert [spinning_entry(b) for b in backends] == ["0"] * 3  # a match runs all three in a row
+    spinning = edgemm.load(bundle, threads=2, spinning=True)
+    assert [spinning_entry(b) for b in (spinning.image_backend, spinning.text_backend,
+                                        spinning.fusion_backend)] == ["1"] * 3
+    (name, rgb), (other, _) = held_out[0][:2]
+    texts = [name, other]
+    np.testing.assert_allclose(spinning.match(rgb, texts, color="rgb"), model.match(rgb, texts, color="rgb"),
+                               atol=1e-6)
 
 
 def test_match_scores_its_own_name_above_others_more_often_than_not(model, held_out):

@@ -11,6 +11,7 @@ import pytest
 
 import edgemm
 from edgemm.runtime.datasets import SAMPLE_LABELS, SAMPLE_SENTENCES
+from sessions import spinning_entry
 
 GOLDEN = Path(__file__).resolve().parents[1] / "data" / "golden_default.json"
 
@@ -29,6 +30,13 @@ def test_golden_outputs_for_sample_photos(model, photos):
     for name, g in golden.items():
         assert current[name]["top1"] == g["top1"], name
         np.testing.assert_allclose(current[name]["embedding"], g["embedding"], atol=2e-4, err_msg=name)
+
+
+def test_onnx_runtime_threads_do_not_spin_unless_asked(model, default_bundle):
+    # spinning threads hold the cores a frame's preprocessing needs (benchmarks/bench_spinning.py)
+    assert spinning_entry(model.image_backend) == spinning_entry(model.text_backend) == "0"
+    spinning = edgemm.load(default_bundle, threads=1, spinning=True)
+    assert spinning_entry(spinning.image_backend) == spinning_entry(spinning.text_backend) == "1"
 
 
 def test_object_photos_are_classified_correctly(model, photos):
