@@ -191,6 +191,22 @@ def write_json(path: str, report: Mapping[str, Any]) -> None:
     print(f"\nwrote {path}")
 
 
+def publish(info: Mapping[str, Any], table: str, *, title: str, threads: int, notes: str,
+            markdown_path: str | None = None, json_path: str | None = None,
+            payload: Mapping[str, Any] | None = None) -> None:
+    """Print the device and the table; write the Markdown (title with the device and its load, table,
+    notes) and the JSON (device plus ``payload``) where asked."""
+    print()
+    print_device(info)
+    print(table)
+    if markdown_path:
+        with open(markdown_path, "w") as f:
+            f.write(f"## {title} ({info['cpu_model']}, {threads} threads, load avg at start {info['loadavg_1m']})"
+                    f"\n\n{table}\n\n{notes}\n")
+    if json_path:
+        write_json(json_path, {"device": info, **(payload or {})})
+
+
 def target_line(name: str, ok: bool, detail: str) -> str:
     """One 'target: met/MISSED' line for the summary."""
     return f"target {name}: {'met' if ok else 'MISSED'} ({detail})"

@@ -36,7 +36,7 @@ from edgemm.export.models.audio_visual import build_audio_visual_bundle
 from edgemm.export.models.matching import PROMPT, build_matching_bundle
 from edgemm.runtime.datasets import emoji, sample_photos
 
-from _common import device_info, frame_from_photo, print_device, write_json  # shared helpers beside this script
+from _common import device_info, frame_from_photo, publish  # shared helpers beside this script
 
 SETTINGS = {"spinning on": True, "spinning off": False}
 CLIP_FRAMES = 8  # frames of an audio-visual clip, with 1 s of sound
@@ -104,19 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"| {r['case']} | {r['spinning on p50 ms']:.2f} ms | {r['spinning off p50 ms']:.2f} ms | "
               f"{r['off / on']:.2f} |" for r in rows]
     table = "\n".join(lines)
-    print()
-    print_device(info)
-    print(table)
-    if args.markdown_path:
-        Path(args.markdown_path).write_text(
-            f"## ONNX Runtime spinning, on and off ({info['cpu_model']}, {args.threads} threads, load avg at start "
-            f"{info['loadavg_1m']})\n\n{table}\n\nEach model loaded twice (`edgemm.load(..., spinning=True/False)`), "
-            f"the same calls timed in alternating blocks (the `edgemm bench` harness). Below 1 in the last column: "
-            f"spinning off is faster. Reproduce: `python benchmarks/bench_spinning.py "
-            f"{'--default ' + args.default + ' ' if args.default else ''}--matching {args.matching}"
-            f"{' --audio-visual ' + args.audio_visual if args.audio_visual else ''} --threads {args.threads}`.\n")
-    if args.json_path:
-        write_json(args.json_path, {"device": info, "rows": rows})
+    publish(info, table, title="ONNX Runtime spinning, on and off", threads=args.threads,
+            notes=("Each model loaded twice (`edgemm.load(..., spinning=True/False)`), the same calls timed in "
+                   "alternating blocks (the `edgemm bench` harness). Below 1 in the last column: spinning off is "
+                   "faster. Reproduce: `python benchmarks/bench_spinning.py "
+                   f"{'--default ' + args.default + ' ' if args.default else ''}--matching {args.matching}"
+                   f"{' --audio-visual ' + args.audio_visual if args.audio_visual else ''} --threads {args.threads}`."),
+            markdown_path=args.markdown_path, json_path=args.json_path, payload={"rows": rows})
     return 0
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from edgemm._distill import DistillThresholds, distill_bundle
 from edgemm.export.distill_image import IMAGE_OPTIONS
 
-from _common import device_info, print_device, write_json  # beside this script
+from _common import device_info, publish  # beside this script
 
 
 def row(student: str, info: dict) -> dict:
@@ -68,17 +68,11 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['student_top1']:.1%} ({r['retention']:.1%}) | {r['speedup_frame']:.2f}× | "
                      f"{r['speedup_batch16']:.2f}× | {r['train_seconds'] / 60:.1f} min, {r['steps']} steps |")
     table = "\n".join(lines)
-    print()
-    print_device(info)
-    print(table)
-    if args.markdown_path:
-        Path(args.markdown_path).write_text(
-            f"## Image students of {args.teacher} ({info['cpu_model']}, {args.threads} threads, load avg at start "
-            f"{info['loadavg_1m']})\n\n{table}\n\n{args.epochs} epochs on the packaged images; the gate's held-out "
-            f"images (sample photos, Fashion-MNIST test, odd emoji) were never trained on. Reproduce: `python "
-            f"benchmarks/distill_image_study.py {args.teacher} --students {' '.join(args.students)}`.\n")
-    if args.json_path:
-        write_json(args.json_path, {"device": info, "epochs": args.epochs, "rows": rows})
+    publish(info, table, title=f"Image students of {args.teacher}", threads=args.threads,
+            notes=(f"{args.epochs} epochs on the packaged images; the gate's held-out images (sample photos, "
+                   "Fashion-MNIST test, odd emoji) were never trained on. Reproduce: `python "
+                   f"benchmarks/distill_image_study.py {args.teacher} --students {' '.join(args.students)}`."),
+            markdown_path=args.markdown_path, json_path=args.json_path, payload={"epochs": args.epochs, "rows": rows})
     return 0
 
 

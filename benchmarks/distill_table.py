@@ -28,7 +28,7 @@ from edgemm._eval import eval_fashion_mnist, eval_sample_photos
 from edgemm.export.distill import default_text_corpus, split_corpus
 from edgemm.runtime.datasets import fashion_mnist, sample_photos
 
-from _common import FRAME_SIZE, device_info, frame_from_photo, print_device, write_json  # beside this script
+from _common import FRAME_SIZE, device_info, frame_from_photo, publish  # beside this script
 
 BATCH = 32
 COSINE_IMAGES = 500  # Fashion-MNIST test images in the image cosine, besides the sample photos
@@ -100,18 +100,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['text_cosine_mean']:.4f} / {r['text_cosine_worst']:.4f} | "
             f"{r['fashion_top1']:.1%} ({r['fashion_top1'] / base['fashion_top1']:.1%}) | {r['photos_top1']:.1%} |")
     table = "\n".join(lines)
-    print()
-    print_device(info)
-    print(table)
-    if args.markdown_path:
-        Path(args.markdown_path).write_text(
-            f"## Distillation: teacher vs students ({info['cpu_model']}, {args.threads} threads, load avg at start "
-            f"{info['loadavg_1m']})\n\n{table}\n\n{len(texts)} held-out texts of the packaged corpus; Fashion-MNIST "
-            f"test split ({base['fashion_images']} images); image cosine over the {len(photos)} sample photos and "
-            f"{len(clothes)} Fashion-MNIST test images; frames {FRAME_SIZE[0]}x{FRAME_SIZE[1]}. Reproduce: "
-            f"`python benchmarks/distill_table.py {' '.join(args.bundles)}`.\n")
-    if args.json_path:
-        write_json(args.json_path, {"device": info, "rows": rows})
+    publish(info, table, title="Distillation: teacher vs students", threads=args.threads,
+            notes=(f"{len(texts)} held-out texts of the packaged corpus; Fashion-MNIST test split "
+                   f"({base['fashion_images']} images); image cosine over the {len(photos)} sample photos and "
+                   f"{len(clothes)} Fashion-MNIST test images; frames {FRAME_SIZE[0]}x{FRAME_SIZE[1]}. Reproduce: "
+                   f"`python benchmarks/distill_table.py {' '.join(args.bundles)}`."),
+            markdown_path=args.markdown_path, json_path=args.json_path, payload={"rows": rows})
     return 0
 
 
