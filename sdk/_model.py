@@ -85,9 +85,8 @@ class DualEncoder:
         self.bundle = bundle
         self.manifest = m
         self.dim = m.embedding_dim
-        spinning = self.SPINNING if spinning is None else spinning
         self._backend_options: dict[str, Any] = {"providers": tuple(providers), "threads": threads,
-                                                 **({} if spinning is None else {"spinning": spinning})}
+                                                 "spinning": self.SPINNING if spinning is None else spinning}
         self.image_backend = self._open(bundle, "image_encoder", backend)
         self.text_backend = self._open(bundle, "text_encoder", backend)
         self.preprocess = ImagePreprocessor(m.image)
