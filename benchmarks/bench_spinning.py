@@ -39,8 +39,8 @@ from edgemm.runtime.datasets import emoji, sample_photos
 from _common import device_info, frame_from_photo, publish  # shared helpers beside this script
 
 SETTINGS = {"spinning on": True, "spinning off": False}
-CLIP_FRAMES = 8  # frames of an audio-visual clip, with 1 s of sound
-NOISE = Path("/usr/share/sounds/alsa/Noise.wav")  # real recording (alsa-utils), as the tests use
+CLIP_FRAMES = 8  # frames of an audio-visual clip, with NOISE as its sound
+NOISE = Path("/usr/share/sounds/alsa/Noise.wav")  # a real 1.4 s recording (alsa-utils), as the tests use
 
 
 def _bundle(path: str, build: Callable[[str], Any]) -> str:
@@ -50,20 +50,25 @@ def _bundle(path: str, build: Callable[[str], Any]) -> str:
     return path
 
 
+def _both(path: str, threads: int) -> dict[str, Any]:
+    """The bundle loaded once per setting."""
+    return {k: edgemm.load(path, threads=threads, spinning=v) for k, v in SETTINGS.items()}
+
+
 def cases(args: argparse.Namespace) -> dict[str, dict[str, Callable[[], Any]]]:
     """Case → setting → a call of the public API, on one model per setting."""
     frame = frame_from_photo(sample_photos()[0].image)
     name, picture = emoji()[0]
     out: dict[str, dict[str, Callable[[], Any]]] = {}
     if args.default:
-        models = {k: edgemm.load(args.default, threads=args.threads, spinning=v) for k, v in SETTINGS.items()}
+        models = _both(args.default, args.threads)
         for m in models.values():
             m.classify(frame)
         out["default: classify(frame)"] = {k: (lambda m=m: m.classify(frame)) for k, m in models.items()}
         texts = [PROMPT.format(n) for n, _ in emoji()[:32]]
         out["default: embed_texts(32 texts)"] = {k: (lambda m=m: m.embed_texts(texts)) for k, m in models.items()}
     matching = _bundle(args.matching, build_matching_bundle)
-    models = {k: edgemm.load(matching, threads=args.threads, spinning=v) for k, v in SETTINGS.items()}
+    models = _both(matching, args.threads)
     text = PROMPT.format(name)
     out["matching: match(frame, text), 3 graphs"] = {k: (lambda m=m: m.match(picture, text, color="rgb"))
                                                      for k, m in models.items()}
@@ -73,7 +78,7 @@ def cases(args: argparse.Namespace) -> dict[str, dict[str, Callable[[], Any]]]:
                                                            for k, m in models.items()}
     if args.audio_visual:
         av = _bundle(args.audio_visual, build_audio_visual_bundle)
-        models = {k: edgemm.load(av, threads=args.threads, spinning=v) for k, v in SETTINGS.items()}
+        models = _both(av, args.threads)
         frames = [frame] * CLIP_FRAMES
         for m in models.values():
             m.classify_av(frames, NOISE)

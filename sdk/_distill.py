@@ -50,7 +50,7 @@ SPEED_BATCH = 32  # texts per call when timing teacher vs student
 IMAGE_SPEED_BATCH = 16  # images per call in the batched image timing (besides one frame)
 SPEED_SECONDS = 3.0  # least time the timing runs (alternating blocks of calls, the benchmark harness's way)
 SPEED_CALLS = 21  # least calls per side
-TEACHER_MATCH = 0.9999  # least cosine between the rebuilt teacher and the bundle's text graph
+TEACHER_MATCH = 0.9999  # least cosine between the rebuilt teacher and the bundle's graph of that tower
 
 
 class DistillGateError(VerificationError):

@@ -46,9 +46,10 @@ class OnnxRuntimeBackend(Backend):
         threads: Intra-op threads; ``None`` lets ONNX Runtime use every core.
         spinning: Whether idle intra-op threads spin after a run
             (``session.intra_op.allow_spinning``); ``None`` keeps ONNX Runtime's
-            default (on). Spinning speeds up one graph called again and again, and
-            slows calls that run several sessions in a row: one session's
-            spinning threads hold the cores the next one needs.
+            default (on). Spinning threads hold the cores that the caller's next
+            work needs (a frame's preprocessing, the next session), which on
+            2 cores made every public call measured slower
+            (``benchmarks/bench_spinning.py``).
 
     Raises:
         BackendError: A provider is unknown or unavailable, or the file cannot be loaded.
