@@ -12,6 +12,7 @@ from edgemm._av import AudioVisual, AVFit, AVResult, AVStream, fit_av_fusion, sa
 from edgemm._fusion import FusionModel
 from edgemm._index import Hit, VectorIndex
 from edgemm._model import DualEncoder, Prediction, default_bundle_dir, load
+from edgemm.runtime.limits import LIMITS as limits
 from edgemm.runtime.errors import (
     BackendError,
     BundleError,
@@ -44,6 +45,7 @@ __all__ = [
     "__version__",
     "default_bundle_dir",
     "fit_av_fusion",
+    "limits",
     "load",
     "save_av_fusion",
 ]

@@ -18,7 +18,6 @@ import copy
 import json
 import math
 import os
-import tempfile
 import threading
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
@@ -28,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from edgemm._files import atomic_write
 from edgemm.runtime.errors import InputError
 
 __all__ = ["Hit", "VectorIndex"]
@@ -362,12 +362,6 @@ class VectorIndex:
         Raises:
             InputError: If the directory does not exist or ``path`` is a directory.
         """
-        path = Path(path)
-        parent = path.parent
-        if not parent.is_dir():
-            raise InputError(f"Cannot save index to {str(path)!r}: directory {str(parent)!r} does not exist.")
-        if path.is_dir():
-            raise InputError(f"Cannot save index to {str(path)!r}: it is a directory; give a file path.")
         with self._lock:
             header = {
                 "format": FORMAT_NAME,
@@ -380,21 +374,7 @@ class VectorIndex:
                 "metadata": self._metadata,
             }
             header_bytes = np.frombuffer(json.dumps(header).encode("utf-8"), dtype=np.uint8)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    np.savez(f, header=header_bytes, vectors=self._data[: self._n])
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                # BaseException too: a KeyboardInterrupt must not leave a temp file behind.
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
-                raise
-        _fsync_dir(parent)
+            atomic_write(path, lambda f: np.savez(f, header=header_bytes, vectors=self._data[: self._n]), what="index")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> VectorIndex:
@@ -683,17 +663,3 @@ def _top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _valid_id(i: object) -> bool:
     return (isinstance(i, int) and not isinstance(i, bool)) or isinstance(i, str)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename itself durable; not every platform can open a directory."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -36,10 +37,16 @@ def default_bundle() -> Path:
     cache = Path(os.environ.get("EDGEMM_TEST_CACHE", Path.home() / ".cache" / "edgemm-tests"))
     path = cache / f"default-{_source_key()}"
     if not (path / "manifest.json").is_file():
-        if cache.exists():  # drop bundles made by older code
-            for old in cache.glob("default-*"):
+        # Built beside and renamed into place, so concurrent test runs never see (or delete) a half-built one.
+        staging = cache / f".staging-{os.getpid()}-{path.name}"
+        build_default_bundle(staging, overwrite=True)
+        try:
+            staging.rename(path)
+        except OSError:  # another run finished first: use its bundle
+            shutil.rmtree(staging, ignore_errors=True)
+        for old in cache.glob("default-*"):  # drop bundles made by older code, once nobody has used them for a day
+            if old != path and time.time() - old.stat().st_mtime > 86400:
                 shutil.rmtree(old, ignore_errors=True)
-        build_default_bundle(path, overwrite=True)
     return path
 
 
