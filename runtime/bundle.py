@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from edgemm.runtime.errors import BundleError
-from edgemm.runtime.manifest import Manifest, read_manifest
+from edgemm.runtime.limits import LIMITS
+from edgemm.runtime.manifest import Manifest, read_json_file, read_manifest
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -24,14 +25,18 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 class Bundle:
     """A bundle directory whose manifest has been read and whose files have been checked.
 
+    A bundle is untrusted: every file its manifest lists must be a regular file
+    inside the bundle directory (symlinks are followed, and must not lead out),
+    and must match its sha256.
+
     Args:
         path: The bundle directory.
         check_hashes: Recompute every file's sha256 against the manifest (a few
             hundred ms for the default bundle); turn off only for trusted, read-only media.
 
     Raises:
-        BundleError: The directory or a file is missing, a file was altered, or
-            the schema is newer than this runtime.
+        BundleError: The directory or a file is missing, a file lies outside the
+            bundle or was altered, or the schema is newer than this runtime.
     """
 
     def __init__(self, path: str | Path, *, check_hashes: bool = True):
@@ -42,22 +47,38 @@ class Bundle:
             )
         if not self.path.is_dir():
             raise BundleError(f"bundle path '{self.path}' is not a directory; a bundle is a directory with a manifest.json.")
+        self._root = self.path.resolve()
         self.manifest: Manifest = read_manifest(self.path)
+        fields = {rel: name for name, rel in self.manifest.named_files()}
+        self._files = {rel: self._inside(rel, fields.get(rel, "files")) for rel in self.manifest.files}
         for rel, digest in self.manifest.files.items():
-            file = self.path / rel
-            if not file.is_file():
-                raise BundleError(f"bundle '{self.path}' is incomplete: '{rel}' is missing. Re-export or re-copy the bundle.")
-            if check_hashes and sha256_file(file) != digest:
+            if check_hashes and sha256_file(self._files[rel]) != digest:
                 raise BundleError(
                     f"bundle '{self.path}': '{rel}' does not match the hash in its manifest (altered or corrupted). "
                     "Re-export or re-copy the bundle."
                 )
 
+    def _inside(self, rel: str, field: str) -> Path:
+        """The real path of a listed file, refused unless it is a regular file inside the bundle."""
+        try:
+            real = (self._root / rel).resolve(strict=True)
+        except FileNotFoundError:
+            raise BundleError(f"bundle '{self.path}' is incomplete: '{rel}' is missing ({field}). "
+                              "Re-export or re-copy the bundle.") from None
+        except (OSError, RuntimeError) as e:  # a symlink loop, a path too long
+            raise BundleError(f"bundle '{self.path}': '{rel}' ({field}) cannot be resolved ({e}).") from None
+        if not real.is_relative_to(self._root):
+            raise BundleError(f"bundle '{self.path}': '{rel}' ({field}) resolves to '{real}', outside the bundle; "
+                              "a bundle may only read its own files. Re-copy the bundle without links leading out.")
+        if not real.is_file():
+            raise BundleError(f"bundle '{self.path}': '{rel}' ({field}) is not a regular file.")
+        return real
+
     def file(self, rel: str) -> Path:
-        """Absolute path of a file the manifest lists."""
-        if rel not in self.manifest.files:
+        """Resolved path of a file the manifest lists (inside the bundle, checked at open)."""
+        if rel not in self._files:
             raise BundleError(f"bundle '{self.path}': '{rel}' is not listed in its manifest.")
-        return self.path / rel
+        return self._files[rel]
 
     def graph_path(self, role: str) -> Path:
         """The ONNX file of a graph role, e.g. ``"image_encoder"``."""
@@ -66,8 +87,41 @@ class Bundle:
             raise BundleError(f"bundle '{self.path}' has no '{role}' graph (it has: {have}).")
         return self.file(self.manifest.graphs[role].file)
 
-    def read_json(self, rel: str):
-        return json.loads(self.file(rel).read_text(encoding="utf-8"))
+    def read_json(self, rel: str) -> Any:
+        """A JSON file of the bundle (labels, scene names), at most ``edgemm.limits.max_json_bytes``."""
+        return read_json_file(self.file(rel), LIMITS.max_json_bytes, "max_json_bytes")
 
-    def read_array(self, rel: str) -> np.ndarray:
-        return np.load(self.file(rel), allow_pickle=False)
+    def read_labels(self, rel: str, field: str) -> tuple[str, ...]:
+        """A JSON list of unique, non-blank label strings.
+
+        Raises:
+            BundleError: The file is not such a list (naming ``field``).
+        """
+        labels = self.read_json(rel)
+        if (not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x.strip() for x in labels)
+                or len(set(labels)) != len(labels)):
+            raise BundleError(f"bundle '{self.path}': {field} '{rel}' must be a JSON list of unique, non-blank strings.")
+        try:
+            "".join(labels).encode("utf-8")
+        except UnicodeEncodeError:
+            raise BundleError(f"bundle '{self.path}': {field} '{rel}' holds a lone surrogate escape.") from None
+        return tuple(labels)
+
+    def read_array(self, rel: str, *, ndim: int = 2) -> np.ndarray:
+        """A finite float ``.npy`` array of the bundle, its declared shape checked against the file's size first.
+
+        Raises:
+            BundleError: Not a plain ``.npy`` of floats with ``ndim`` dimensions, or non-finite values.
+        """
+        path = self.file(rel)
+        try:  # a memory map checks the header's shape against the file size before anything is allocated
+            mapped = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise BundleError(f"bundle '{self.path}': '{rel}' is not a readable .npy array ({e}).") from None
+        if not isinstance(mapped, np.ndarray) or mapped.dtype.kind != "f" or mapped.ndim != ndim or 0 in mapped.shape:
+            raise BundleError(f"bundle '{self.path}': '{rel}' must be a non-empty {ndim}-D float array, "
+                              f"got {getattr(mapped, 'dtype', '?')} {getattr(mapped, 'shape', '?')}.")
+        array = np.array(mapped, dtype=np.float32)
+        if not np.isfinite(array).all():
+            raise BundleError(f"bundle '{self.path}': '{rel}' contains NaN or infinite values.")
+        return array

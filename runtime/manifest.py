@@ -1,21 +1,106 @@
 """The bundle manifest: the contract between the workstation and the device.
 
 Typed dataclasses, converted from the JSON dict once, here, with every field
-checked; the rest of the runtime only sees these objects.
+checked; the rest of the runtime only sees these objects. A manifest is
+untrusted input (bundles are copied, downloaded, shared): every value is
+checked on construction, every file it names must be a plain relative path
+inside the bundle, and :meth:`Manifest.check_graph` checks it against the graphs
+themselves once they are open.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from string import Formatter
 from typing import Any
 
+import numpy as np
+
 from edgemm.runtime.errors import BundleError
+from edgemm.runtime.limits import LIMITS
 
 SCHEMA_VERSION = 2  # the newest manifest schema this runtime understands
 # 2: image.resize, text.padding, scoring "sigmoid" with logit_bias, precision "int8"/"fp16" bundles
 MANIFEST_NAME = "manifest.json"
+SCORING_KINDS = ("cosine", "sigmoid", "class_space")
+FUSION_TASKS = ("matching", "classification")
+VIDEO_POOLINGS = ("mean", "attention")
+TOKENS = "tokens"  # pseudo graph role of the tokenizer's own arrays (fusion inputs may read its attention mask)
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class ManifestFieldError(BundleError):
+    """One manifest field is malformed; ``field`` is its dotted name (``"image.std"``)."""
+
+    def __init__(self, field: str, problem: str):
+        self.field, self.problem = field, problem
+        super().__init__(f"manifest field '{field}' {problem}")
+
+    def within(self, section: str) -> ManifestFieldError:
+        return ManifestFieldError(f"{section}.{self.field}", self.problem)
+
+
+# -- value checks, shared by every section --------------------------------------------
+
+
+def _int(name: str, value: Any, low: int = 1, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        span = f"≥ {low}" if high is None else f"in [{low}, {high}]"
+        raise ManifestFieldError(name, f"must be an integer {span}, got {value!r}")
+
+
+def _number(name: str, value: Any, *, low: float = -math.inf, high: float = math.inf, open_low: bool = False) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if not ok or value < low or (open_low and value == low) or value > high:
+        span = "" if (low, high) == (-math.inf, math.inf) else f" in {'(' if open_low else '['}{low}, {high}]"
+        raise ManifestFieldError(name, f"must be a finite number{span}, got {value!r}")
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ManifestFieldError(name, f"is {value!r}; this runtime knows {', '.join(map(repr, choices))} "
+                                       "(a newer edgemm may know more)")
+
+
+def _text(name: str, value: Any) -> None:
+    if not isinstance(value, str) or not value:
+        raise ManifestFieldError(name, f"must be a non-empty string, got {value!r}")
+
+
+def check_relative_path(name: str, value: Any) -> None:
+    """A file a manifest names: a relative POSIX path that stays in the bundle (no ``..``, no absolute path).
+
+    Raises:
+        ManifestFieldError: Naming ``name`` and what is wrong with the path.
+    """
+    _text(name, value)
+    if "\\" in value or "\0" in value or len(value) > 1024:
+        raise ManifestFieldError(name, f"{value!r} is not a plain relative path (no backslashes or NUL)")
+    if value.startswith("/") or re.match(r"[A-Za-z]:", value):
+        raise ManifestFieldError(name, f"{value!r} is an absolute path; a bundle names its files relative to itself")
+    if any(part in ("", ".", "..") for part in value.split("/")):
+        raise ManifestFieldError(name, f"{value!r} has '..', '.' or empty components; it must stay inside the bundle")
+
+
+def _optional_path(name: str, value: Any) -> None:
+    if value is not None:
+        check_relative_path(name, value)
+
+
+def _build(section: str, cls: type, value: Any) -> Any:
+    """One manifest section: a JSON object → its dataclass, errors naming ``section.field``."""
+    if not isinstance(value, dict):
+        raise ManifestFieldError(section, f"must be a JSON object, got {type(value).__name__}")
+    try:
+        return cls(**value)
+    except ManifestFieldError as e:
+        raise e.within(section) from None
+    except TypeError as e:  # a missing or unknown key
+        raise ManifestFieldError(section, f"has missing or unknown fields ({e})") from None
 
 
 @dataclass(frozen=True)
@@ -24,12 +109,45 @@ class TensorSpec:
     dtype: str  # numpy dtype name, e.g. "float32", "int64"
     shape: list[int | str]  # ints are fixed, strings name dynamic axes ("batch", "seq")
 
+    def __post_init__(self):
+        _text("name", self.name)
+        _text("dtype", self.dtype)
+        if not isinstance(self.shape, (list, tuple)) or len(self.shape) > 8 or not all(
+                (isinstance(d, int) and not isinstance(d, bool) and d >= 0) or (isinstance(d, str) and d)
+                for d in self.shape):
+            raise ManifestFieldError("shape", f"must be a list of sizes (integers ≥ 0) or axis names, got {self.shape!r}")
+
 
 @dataclass(frozen=True)
 class GraphSpec:
     file: str  # ONNX file, relative to the bundle directory
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+
+    def __post_init__(self):
+        check_relative_path("file", self.file)
+        for kind, specs in (("inputs", self.inputs), ("outputs", self.outputs)):
+            if not isinstance(specs, (list, tuple)) or not specs or not all(isinstance(t, TensorSpec) for t in specs):
+                raise ManifestFieldError(kind, "must be a non-empty list of tensors")
+            names = [t.name for t in specs]
+            if len(set(names)) != len(names):
+                raise ManifestFieldError(kind, f"names a tensor twice ({names})")
+            for t in specs:
+                try:
+                    np.dtype(t.dtype)
+                except TypeError:
+                    raise ManifestFieldError(f"{kind}.{t.name}.dtype", f"{t.dtype!r} is not a numpy dtype") from None
+
+    @classmethod
+    def from_dict(cls, value: Any) -> GraphSpec:
+        if not isinstance(value, dict):
+            raise ManifestFieldError("", f"must be a JSON object, got {type(value).__name__}")
+        tensors = {}
+        for kind in ("inputs", "outputs"):
+            if not isinstance(value.get(kind), list):
+                raise ManifestFieldError(kind, "must be a list of tensors")
+            tensors[kind] = [_build(f"{kind}[{i}]", TensorSpec, t) for i, t in enumerate(value[kind])]
+        return cls(file=value.get("file"), **tensors)
 
 
 @dataclass(frozen=True)
@@ -42,6 +160,18 @@ class ImagePreprocess:
     interpolation: str = "bilinear-antialias"  # resampling the reference pipeline uses
     resize: str = "crop"  # "crop": centre square, then resize; "squash": the whole image resized to a square
 
+    def __post_init__(self):
+        _int("size", self.size, 1, 8192)
+        _number("crop_fraction", self.crop_fraction, low=0.0, high=1.0, open_low=True)
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            if not isinstance(values, (list, tuple)) or len(values) != 3:
+                raise ManifestFieldError(name, f"must be 3 numbers, one per channel, got {values!r}")
+            for v in values:
+                _number(name, v, low=0.0, open_low=name == "std")
+        _choice("color", self.color, ("RGB",))
+        _text("interpolation", self.interpolation)  # the reference's filter, recorded; the runtime resizes its own way
+        _choice("resize", self.resize, ("crop", "squash"))
+
 
 @dataclass(frozen=True)
 class TextPreprocess:
@@ -50,12 +180,23 @@ class TextPreprocess:
     pad_id: int  # id used for padding; the attention mask marks real tokens
     padding: str = "longest"  # "longest": pad a batch to its longest text; "max_length": always to max_length
 
+    def __post_init__(self):
+        check_relative_path("tokenizer", self.tokenizer)
+        _int("max_length", self.max_length, 1, 1 << 16)
+        _int("pad_id", self.pad_id, 0)
+        _choice("padding", self.padding, ("longest", "max_length"))
+
 
 @dataclass(frozen=True)
 class AudioPreprocess:
     sample_rate: int  # Hz the audio graph expects
     min_samples: int  # the audio graph's shortest input
     clip_samples: int  # shorter audio is tiled to this many samples (the model's own preprocessing)
+
+    def __post_init__(self):
+        _int("sample_rate", self.sample_rate, 1000, 384_000)
+        _int("min_samples", self.min_samples, 1, 1 << 28)
+        _int("clip_samples", self.clip_samples, self.min_samples, 1 << 28)
 
 
 @dataclass(frozen=True)
@@ -75,6 +216,21 @@ class Scoring:
     scene_output: str | None = None  # audio-visual: audio-graph output with scene probabilities (reported, not fused)
     scene_labels: str | None = None  # audio-visual: JSON list naming the scene output's classes
 
+    def __post_init__(self):
+        _choice("kind", self.kind, SCORING_KINDS)
+        _number("logit_scale", self.logit_scale, low=0.0, high=1e4, open_low=True)  # ≤ 0 would invert the ranking
+        _number("logit_bias", self.logit_bias, low=-1e4, high=1e4)
+        _number("tau", self.tau, low=0.0, high=1e4, open_low=True)
+        _number("audio_weight", self.audio_weight, low=0.0, high=1.0)
+        _choice("video_pooling", self.video_pooling, VIDEO_POOLINGS)
+        for name in ("class_embeddings", "scene_labels"):
+            _optional_path(name, getattr(self, name))
+        for name in ("class_output", "audio_output", "scene_output"):
+            if getattr(self, name) is not None:
+                _text(name, getattr(self, name))
+        if self.kind == "class_space" and (self.class_embeddings is None or self.class_output is None):
+            raise ManifestFieldError("kind", "'class_space' needs both 'class_embeddings' and 'class_output'")
+
 
 @dataclass(frozen=True)
 class Fusion:
@@ -87,11 +243,33 @@ class Fusion:
     threshold: float = 0.5  # matching: probability from which a pair counts as a match (picked on validation)
     rerank_cosine_weight: float = 0.0  # matching: a reranker scores head logit + this × the search's cosine (0: p)
 
+    def __post_init__(self):
+        _choice("task", self.task, FUSION_TASKS)
+        _text("architecture", self.architecture)
+        if not isinstance(self.inputs, dict) or not self.inputs or not all(
+                isinstance(k, str) and isinstance(v, str) and v.count("/") == 1 for k, v in self.inputs.items()):
+            raise ManifestFieldError("inputs", f"must map fusion-graph inputs to '<role>/<output>', got {self.inputs!r}")
+        _optional_path("labels", self.labels)
+        _number("threshold", self.threshold, low=0.0, high=1.0)
+        _number("rerank_cosine_weight", self.rerank_cosine_weight, low=-1e4, high=1e4)
+        if self.task == "classification" and self.labels is None:
+            raise ManifestFieldError("labels", "is required by a classification head (its class names)")
+
 
 @dataclass(frozen=True)
 class Labels:
     file: str  # JSON list of default label names, relative to the bundle
     prompt: str = "{}"  # template a label is put in before embedding
+
+    def __post_init__(self):
+        check_relative_path("file", self.file)
+        _text("prompt", self.prompt)
+        try:  # exactly one bare "{}"; "{{" and "}}" are literal braces, as in str.format
+            fields = [(name, spec, conv) for _, name, spec, conv in Formatter().parse(self.prompt) if name is not None]
+        except ValueError as e:
+            raise ManifestFieldError("prompt", f"{self.prompt!r} is not a valid template ({e})") from None
+        if fields != [("", "", None)]:
+            raise ManifestFieldError("prompt", f"{self.prompt!r} must contain exactly one '{{}}' where the label goes")
 
 
 @dataclass(frozen=True)
@@ -114,6 +292,92 @@ class Manifest:
     tools: dict[str, str] = field(default_factory=dict)  # package → version that made the bundle
     created: str = ""  # ISO 8601 UTC time of export
 
+    def __post_init__(self):
+        _int("schema_version", self.schema_version, 1, SCHEMA_VERSION)
+        for name in ("name", "family", "precision"):
+            _text(name, getattr(self, name))
+        _int("embedding_dim", self.embedding_dim, 1, 1 << 16)
+        if not isinstance(self.graphs, dict) or not self.graphs:
+            raise ManifestFieldError("graphs", "must name at least one graph")
+        if not isinstance(self.files, dict) or not all(
+                isinstance(d, str) and _SHA256.fullmatch(d) for d in self.files.values()):
+            raise ManifestFieldError("files", "must map each file to its sha256 (64 lowercase hex digits)")
+        for rel in self.files:
+            check_relative_path(f"files[{rel!r}]", rel)
+        for name, rel in self.named_files():
+            if rel not in self.files:
+                raise ManifestFieldError(name, f"names {rel!r}, which 'files' does not list (so it has no hash)")
+        for name in ("verification", "source", "tools"):
+            if not isinstance(getattr(self, name), dict):
+                raise ManifestFieldError(name, "must be a JSON object")
+        for name, role, output in self.output_references():
+            if role == TOKENS and output != "attention_mask":
+                raise ManifestFieldError(name, f"reads {role}/{output}; the tokenizer gives only 'attention_mask'")
+            if role != TOKENS and role not in self.graphs:
+                raise ManifestFieldError(name, f"reads graph {role!r}, which 'graphs' does not have")
+
+    def named_files(self) -> list[tuple[str, str]]:
+        """(field, relative path) of every file a manifest field names; each must also be in ``files``."""
+        named = [(f"graphs.{role}.file", g.file) for role, g in self.graphs.items()]
+        for section, attrs in (("text", ("tokenizer",)), ("labels", ("file",)),
+                               ("scoring", ("class_embeddings", "scene_labels")), ("fusion", ("labels",))):
+            part = getattr(self, section)
+            named += [(f"{section}.{a}", getattr(part, a)) for a in attrs if part and getattr(part, a) is not None]
+        return named
+
+    def output_references(self) -> list[tuple[str, str, str]]:
+        """(field, graph role, output name) of every graph output a manifest field reads."""
+        s, refs = self.scoring, []
+        refs += [("scoring.class_output", "image_encoder", s.class_output)] if s.class_output else []
+        refs += [(f"scoring.{a}", "audio_encoder", getattr(s, a)) for a in ("audio_output", "scene_output")
+                 if getattr(s, a)]
+        if self.fusion:
+            refs += [(f"fusion.inputs.{k}", *v.split("/")) for k, v in self.fusion.inputs.items()]
+        return refs
+
+    def check_graph(self, role: str, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> None:
+        """Check the manifest against one opened graph's real inputs and outputs.
+
+        The declared tensors must be the graph's (names, dtypes, ranks, fixed
+        sizes), every ``embedding`` output must be ``embedding_dim`` wide, the
+        image graph must take ``image.size`` pixels, and every output a field
+        reads (``scoring.class_output`` …) must exist.
+
+        Raises:
+            BundleError: Naming the field and what the graph has instead.
+        """
+        declared = self.graphs[role]
+        for kind, want, have in (("inputs", declared.inputs, inputs), ("outputs", declared.outputs, outputs)):
+            actual = {t.name: t for t in have}
+            if kind == "inputs" and {t.name for t in want} != set(actual):
+                raise ManifestFieldError(f"graphs.{role}.inputs", f"are {[t.name for t in want]}, but the graph "
+                                                                  f"takes {sorted(actual)}")
+            for t in want:
+                real = actual.get(t.name)
+                if real is None:
+                    raise ManifestFieldError(f"graphs.{role}.outputs", f"lists {t.name!r}, which the graph does not "
+                                                                       f"output (it has {sorted(actual)})")
+                if (real.dtype != t.dtype or len(real.shape) != len(t.shape) or any(
+                        isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(t.shape, real.shape))):
+                    raise ManifestFieldError(f"graphs.{role}.{kind}.{t.name}", f"is declared {t.dtype} {t.shape}, but "
+                                                                             f"the graph has {real.dtype} {real.shape}")
+        for t in outputs:
+            width = t.shape[-1] if t.shape else None
+            if t.name == "embedding" and isinstance(width, int) and width != self.embedding_dim:
+                raise ManifestFieldError("embedding_dim", f"is {self.embedding_dim}, but graph {role!r} outputs "
+                                                          f"{width}-wide embeddings")
+        if role == "image_encoder" and self.image is not None:
+            for t in inputs:
+                sides = [d for d in t.shape[2:] if isinstance(d, int)]
+                if len(t.shape) == 4 and any(d != self.image.size for d in sides):
+                    raise ManifestFieldError("image.size", f"is {self.image.size}, but the image graph takes "
+                                                           f"{t.name!r} of shape {t.shape}")
+        names = {t.name for t in outputs}
+        for name, ref_role, output in self.output_references():
+            if ref_role == role and output not in names:
+                raise ManifestFieldError(name, f"reads output {output!r} of graph {role!r}, which has only "
+                                               f"{sorted(names)}")
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -121,71 +385,104 @@ class Manifest:
     def distilled_towers(self) -> list[str]:
         """The towers ("text", "image") replaced by distilled students, latest first (``source.distilled_from``)."""
         towers, entry = [], self.source.get("distilled_from")
-        while entry:
-            towers.append(entry["tower"])
+        while isinstance(entry, dict) and len(towers) < 64:
+            towers.append(str(entry.get("tower")))
             entry = entry.get("earlier")
         return towers
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "manifest") -> Manifest:
-        """Build a manifest from its JSON form, checking schema and fields.
+        """Build a manifest from its JSON form, checking the schema and every field.
 
         Raises:
-            BundleError: The schema is newer than this runtime, or a field is missing or malformed.
+            BundleError: The schema is newer than this runtime, or a field is missing or
+                malformed (the message names the field).
         """
         if not isinstance(data, dict):
             raise BundleError(f"{where}: expected a JSON object, got {type(data).__name__}.")
         version = data.get("schema_version")
-        if not isinstance(version, int):
-            raise BundleError(f"{where}: 'schema_version' is missing or not an integer; this is not an edgemm bundle.")
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise BundleError(f"{where}: 'schema_version' is missing or not a positive integer; "
+                              "this is not an edgemm bundle.")
         if version > SCHEMA_VERSION:
             raise BundleError(
                 f"{where}: bundle schema version {version} is newer than this edgemm understands "
                 f"(up to {SCHEMA_VERSION}). Upgrade edgemm on this device, or re-export the bundle with this version."
             )
         try:
-            graphs = {
-                role: GraphSpec(
-                    file=g["file"],
-                    inputs=[TensorSpec(**t) for t in g["inputs"]],
-                    outputs=[TensorSpec(**t) for t in g["outputs"]],
-                )
-                for role, g in data["graphs"].items()
-            }
+            missing = [k for k in ("name", "family", "embedding_dim", "precision", "graphs", "scoring", "files")
+                       if k not in data]
+            if missing:
+                raise ManifestFieldError(missing[0], "is missing")
+            if not isinstance(data["graphs"], dict):
+                raise ManifestFieldError("graphs", "must be a JSON object of role → graph")
+            graphs = {}
+            for role, g in data["graphs"].items():
+                try:
+                    graphs[role] = GraphSpec.from_dict(g)
+                except ManifestFieldError as e:
+                    raise e.within(f"graphs.{role}") from None
+            sections = {name: _build(name, kind, data[name]) if data.get(name) else None
+                        for name, kind in (("image", ImagePreprocess), ("text", TextPreprocess), ("labels", Labels),
+                                           ("audio", AudioPreprocess), ("fusion", Fusion))}
             return cls(
-                schema_version=version,
-                name=str(data["name"]),
-                family=str(data["family"]),
-                embedding_dim=int(data["embedding_dim"]),
-                precision=str(data["precision"]),
-                graphs=graphs,
-                image=ImagePreprocess(**data["image"]) if data.get("image") else None,
-                text=TextPreprocess(**data["text"]) if data.get("text") else None,
-                scoring=Scoring(**data["scoring"]),
-                labels=Labels(**data["labels"]) if data.get("labels") else None,
-                files=dict(data["files"]),
-                verification=dict(data.get("verification", {})),
-                audio=AudioPreprocess(**data["audio"]) if data.get("audio") else None,
-                fusion=Fusion(**data["fusion"]) if data.get("fusion") else None,
-                source=dict(data.get("source", {})),
-                tools=dict(data.get("tools", {})),
-                created=str(data.get("created", "")),
+                schema_version=version, name=data["name"], family=data["family"],
+                embedding_dim=data["embedding_dim"], precision=data["precision"], graphs=graphs,
+                scoring=_build("scoring", Scoring, data["scoring"]), files=data["files"],
+                verification=data.get("verification", {}), source=data.get("source", {}),
+                tools=data.get("tools", {}), created=str(data.get("created", "")), **sections,
             )
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise BundleError(f"{where}: malformed manifest ({type(e).__name__}: {e}). Re-export the bundle.") from e
+        except ManifestFieldError as e:
+            raise BundleError(f"{where}: {e}. Re-export the bundle (or fix that field).") from None
+
+
+def parse_json(data: bytes, where: str) -> Any:
+    """Strict JSON from an untrusted file: UTF-8, no duplicate keys, nesting the parser can take.
+
+    Raises:
+        BundleError: Naming ``where`` and what is wrong.
+    """
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj = dict(pairs)
+        if len(obj) != len(pairs):
+            seen = set()
+            dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+            raise BundleError(f"{where}: key {dup!r} appears twice in one object; a reader could take either value.")
+        return obj
+
+    def not_a_number(name: str) -> Any:
+        raise BundleError(f"{where}: {name} is not a JSON number (Python's json writes it; the standard does not).")
+
+    try:
+        return json.loads(data.decode("utf-8"), object_pairs_hook=no_duplicates, parse_constant=not_a_number)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise BundleError(f"{where}: cannot be read as JSON ({e}). Re-export the bundle.") from None
+
+
+def read_json_file(path: Path, max_bytes: int, limit: str) -> Any:
+    """A JSON file of at most ``max_bytes`` (the ``edgemm.limits`` field ``limit``), strictly parsed.
+
+    Raises:
+        BundleError: Unreadable, too large or malformed.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)
+    except OSError as e:
+        raise BundleError(f"{path}: cannot be read ({e.strerror or e}).") from None
+    if len(data) > max_bytes:
+        raise BundleError(f"{path}: larger than {max_bytes} bytes; {LIMITS.hint(limit)}.")
+    return parse_json(data, str(path))
 
 
 def read_manifest(bundle_dir: str | Path) -> Manifest:
     """Read and check ``manifest.json`` of a bundle directory.
 
     Raises:
-        BundleError: The file is missing, not JSON, or not a manifest this runtime understands.
+        BundleError: The file is missing, too large, not strict JSON, or not a manifest this runtime understands.
     """
     path = Path(bundle_dir) / MANIFEST_NAME
     if not path.is_file():
         raise BundleError(f"{bundle_dir}: no {MANIFEST_NAME}; this is not an edgemm bundle directory.")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(f"{path}: cannot be read as JSON ({e}). Re-export the bundle.") from e
-    return Manifest.from_dict(data, where=str(path))
+    return Manifest.from_dict(read_json_file(path, LIMITS.max_json_bytes, "max_json_bytes"), where=str(path))

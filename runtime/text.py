@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from edgemm.runtime.errors import BundleError, InputError
+from edgemm.runtime.limits import LIMITS
 
 
 class TextTokenizer:
@@ -26,6 +27,10 @@ class TextTokenizer:
             raise BundleError(f"unknown text padding {padding!r}; this runtime knows 'longest' and 'max_length'.")
         from tokenizers import Tokenizer
 
+        size = Path(path).stat().st_size
+        if size > LIMITS.max_tokenizer_bytes:
+            raise BundleError(f"tokenizer '{path}' is {size} bytes, more than {LIMITS.max_tokenizer_bytes}; "
+                              f"{LIMITS.hint('max_tokenizer_bytes')}.")
         try:
             self._tok = Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
@@ -40,7 +45,7 @@ class TextTokenizer:
         """Tokenize a batch.
 
         Raises:
-            InputError: An empty batch or an item that is not a string.
+            InputError: An empty batch, or an item that is not a string or holds a lone surrogate.
         """
         if isinstance(texts, str):
             raise InputError("expected a list of texts, got a single string; wrap it in a list.")
@@ -49,6 +54,11 @@ class TextTokenizer:
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise InputError(f"text {i} is {type(t).__name__}, not a string.")
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError:  # tokenizers would raise a bare TypeError
+                raise InputError(f"text {i} ({t!r}) holds a lone surrogate, not valid Unicode; decode bytes with "
+                                 "errors='replace' (or fix the file's encoding) first.") from None
         encodings = self._tok.encode_batch(list(texts))
         length = self.max_length if self.padding == "max_length" else max(len(e.ids) for e in encodings)
         ids = np.full((len(texts), length), self.pad_id, np.int64)

@@ -28,8 +28,9 @@ from edgemm.runtime.audio import AudioPreprocessor, to_mono
 from edgemm.runtime.bundle import Bundle
 from edgemm.runtime.errors import BundleError, InputError
 from edgemm.runtime.image import IMAGE_SUFFIXES
+from edgemm.runtime.manifest import VIDEO_POOLINGS
 
-POOLINGS = ("mean", "attention")
+POOLINGS = VIDEO_POOLINGS
 ATTENTION_TEMPERATURE = 0.5  # nats: a frame one nat less uncertain than another weighs e² ≈ 7× more
 
 
@@ -118,10 +119,10 @@ class AudioVisual(DualEncoder):
                               f"got {m.scoring.kind!r}.")
         self.audio_backend = self._open(bundle, "audio_encoder", backend)
         self.audio_preprocess = AudioPreprocessor(m.audio)
-        self.audio_weight = _check_weight(m.scoring.audio_weight)
-        self.video_pooling = _check_pooling(m.scoring.video_pooling)
+        self.audio_weight = m.scoring.audio_weight  # both checked with the manifest
+        self.video_pooling = m.scoring.video_pooling
         self.scene_labels: tuple[str, ...] = (
-            tuple(bundle.read_json(m.scoring.scene_labels)) if m.scoring.scene_labels else ()
+            bundle.read_labels(m.scoring.scene_labels, "scoring.scene_labels") if m.scoring.scene_labels else ()
         )
 
     def __repr__(self) -> str:

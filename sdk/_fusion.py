@@ -21,9 +21,9 @@ from edgemm._index import Hit
 from edgemm._model import FAMILIES, DualEncoder, Prediction, _check_positive_int, _is_batch
 from edgemm.runtime.bundle import Bundle
 from edgemm.runtime.errors import BundleError, InputError
+from edgemm.runtime.manifest import TOKENS
 
-TASKS = ("matching", "classification")
-TOKENS = "tokens"  # pseudo graph role of the tokenizer's own arrays (the attention mask)
+FEATURE_ROLES = ("image_encoder", "text_encoder", TOKENS)  # what a fusion head may read
 Reranker = Callable[[int, np.ndarray, Sequence[Hit]], np.ndarray]
 
 
@@ -66,25 +66,21 @@ class FusionModel(DualEncoder):
         f = self.manifest.fusion
         if f is None or "fusion" not in self.manifest.graphs:
             raise BundleError(f"bundle '{bundle.path}' has no fusion graph or fusion entry; it is not a fusion bundle.")
-        if f.task not in TASKS:
-            raise BundleError(f"bundle '{bundle.path}': unknown fusion task {f.task!r}; upgrade edgemm.")
         self.fusion = f
-        self.fusion_backend = self._open(bundle, "fusion", backend)
-        self._sources: dict[str, tuple[str, str]] = {}
-        outputs = {role: {t.name for t in g.outputs} for role, g in self.manifest.graphs.items()}
-        for name, source in f.inputs.items():
-            role, _, output = source.partition("/")
-            known = output in outputs.get(role, ()) or (role == TOKENS and output == "attention_mask")
-            if not known:
-                raise BundleError(f"bundle '{bundle.path}': fusion input {name!r} reads {source!r}, which no graph "
-                                  "outputs. Re-export the bundle.")
-            self._sources[name] = (role, output)
+        self.fusion_backend = self._open(bundle, "fusion", backend)  # its sources were checked with each graph
+        self._sources = {name: tuple(source.split("/")) for name, source in f.inputs.items()}
+        strays = sorted(s for s, (role, _) in self._sources.items() if role not in FEATURE_ROLES)
+        if strays:
+            raise BundleError(f"bundle '{bundle.path}': fusion inputs {strays} read graphs a fusion head cannot see "
+                              f"(it sees {', '.join(FEATURE_ROLES)}).")
         missing = {t.name for t in self.fusion_backend.inputs} - set(self._sources)
         if missing:
             raise BundleError(f"bundle '{bundle.path}': the fusion graph's inputs {sorted(missing)} have no source.")
-        self.classes: tuple[str, ...] = tuple(bundle.read_json(f.labels)) if f.labels else ()
-        if f.task == "classification" and not self.classes:
-            raise BundleError(f"bundle '{bundle.path}': a classification head needs its class names (fusion.labels).")
+        self.classes: tuple[str, ...] = bundle.read_labels(f.labels, "fusion.labels") if f.labels else ()
+        width = self.fusion_backend.outputs[0].shape[-1]
+        if self.classes and isinstance(width, int) and width != len(self.classes):
+            raise BundleError(f"bundle '{bundle.path}': fusion.labels names {len(self.classes)} classes, but the "
+                              f"fusion graph outputs {width} logits. Re-export the bundle.")
         # A head that reads only the image embedding can rerank from an index's stored vectors.
         self.image_only_embedding = {o for r, o in self._sources.values() if r == "image_encoder"} == {"embedding"}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,12 +14,11 @@ import numpy as np
 
 from edgemm.runtime.backends import Backend, open_backend
 from edgemm.runtime.bundle import Bundle
-from edgemm.runtime.errors import BundleError, InputError
+from edgemm.runtime.errors import BackendError, BundleError, InputError
 from edgemm.runtime.image import ImagePreprocessor
 from edgemm.runtime.text import TextTokenizer
 
 _LABEL_CACHE_SIZE = 32  # label sets kept; a camera app typically cycles through a few
-SCORING_KINDS = ("cosine", "sigmoid", "class_space")
 
 
 @dataclass(frozen=True)
@@ -93,18 +93,46 @@ class DualEncoder:
         self.tokenizer = TextTokenizer(bundle.file(m.text.tokenizer), max_length=m.text.max_length,
                                        pad_id=m.text.pad_id, padding=m.text.padding)
         self._text_inputs = [t.name for t in self.text_backend.inputs]
-        self.default_labels: tuple[str, ...] = tuple(bundle.read_json(m.labels.file)) if m.labels else ()
+        self._check_max_length()
+        self.default_labels: tuple[str, ...] = bundle.read_labels(m.labels.file, "labels.file") if m.labels else ()
         self.prompt = m.labels.prompt if m.labels else "{}"
-        self._class_embeddings = (
-            bundle.read_array(m.scoring.class_embeddings) if m.scoring.kind == "class_space" else None
-        )
-        if m.scoring.kind not in SCORING_KINDS:
-            raise BundleError(f"bundle '{bundle.path}': unknown scoring kind {m.scoring.kind!r}; upgrade edgemm.")
+        self._class_embeddings = self._read_class_embeddings() if m.scoring.kind == "class_space" else None
         self._label_cache: OrderedDict[tuple[str, ...], np.ndarray] = OrderedDict()
+        self._label_lock = threading.Lock()
 
     def _open(self, bundle: Bundle, role: str, backend: str) -> Backend:
-        """Open one of the bundle's graphs with this model's providers, threads and spinning."""
-        return open_backend(bundle.graph_path(role), backend, **self._backend_options)
+        """Open one of the bundle's graphs with this model's providers, threads and spinning, checked against
+        the manifest."""
+        opened = open_backend(bundle.graph_path(role), backend, **self._backend_options)
+        try:
+            self.manifest.check_graph(role, opened.inputs, opened.outputs)
+        except BundleError as e:
+            raise BundleError(f"bundle '{bundle.path}': {e}. Re-export the bundle.") from None
+        return opened
+
+    def _check_max_length(self) -> None:
+        """Run the text graph once on a text of ``text.max_length`` tokens: its positions must reach that far."""
+        longest = self.text_feeds([" ".join(["a"] * 2 * self.manifest.text.max_length)])
+        try:
+            width = self.text_backend.infer(longest)["embedding"].shape[-1]
+        except (BackendError, KeyError) as e:
+            raise BundleError(f"bundle '{self.bundle.path}': the text graph fails on a text of text.max_length="
+                              f"{self.manifest.text.max_length} tokens ({e}); lower it to what the graph's positions "
+                              "allow, or re-export the bundle.") from None
+        if width != self.dim:
+            raise BundleError(f"bundle '{self.bundle.path}': embedding_dim is {self.dim}, but the text graph outputs "
+                              f"{width}-wide embeddings. Re-export the bundle.")
+
+    def _read_class_embeddings(self) -> np.ndarray:
+        """The class-space scoring's (classes, dim) class text embeddings, matched to the image graph's classes."""
+        s = self.manifest.scoring
+        array = self.bundle.read_array(s.class_embeddings)
+        classes = next(t.shape[-1] for t in self.image_backend.outputs if t.name == s.class_output)
+        if array.shape[1] != self.dim or (isinstance(classes, int) and array.shape[0] != classes):
+            raise BundleError(f"bundle '{self.bundle.path}': scoring.class_embeddings has shape {array.shape}, but "
+                              f"the image graph's {s.class_output!r} has {classes} classes and embeddings are "
+                              f"{self.dim} wide. Re-export the bundle.")
+        return array
 
     def __repr__(self) -> str:
         return f"DualEncoder({str(self.bundle.path)!r}, dim={self.dim}, precision={self.manifest.precision!r})"
@@ -153,7 +181,10 @@ class DualEncoder:
         batch_size = _check_positive_int(batch_size, "batch_size")
         if isinstance(texts, str):
             raise InputError("embed_texts takes a list of texts, got a single string; wrap it in a list.")
-        texts = list(texts)
+        try:
+            texts = list(texts)
+        except TypeError:
+            raise InputError(f"embed_texts takes a list of texts, got {type(texts).__name__}.") from None
         if not texts:
             raise InputError("no texts given; pass at least one text.")
         # Sorting by length keeps padding small inside each batch.
@@ -178,10 +209,12 @@ class DualEncoder:
         ``class_space``: label weights over the classes (classes, L).
         """
         key = _check_labels(labels)
-        cached = self._label_cache.get(key)
-        if cached is not None:
-            self._label_cache.move_to_end(key)
-            return cached
+        with self._label_lock:  # another thread may evict between a lookup and move_to_end
+            cached = self._label_cache.get(key)
+            if cached is not None:
+                self._label_cache.move_to_end(key)
+                return cached
+        # Computed outside the lock: two threads may both embed a new label set; both get the same weights.
         text = self.embed_texts([self.prompt.format(label) for label in key])
         if self._class_embeddings is not None:
             sim = self._class_embeddings @ text.T / self.manifest.scoring.tau  # (classes, L)
@@ -190,9 +223,10 @@ class DualEncoder:
             weights /= weights.sum(axis=0, keepdims=True)
         else:
             weights = text
-        self._label_cache[key] = weights
-        if len(self._label_cache) > _LABEL_CACHE_SIZE:
-            self._label_cache.popitem(last=False)
+        with self._label_lock:
+            self._label_cache[key] = weights
+            if len(self._label_cache) > _LABEL_CACHE_SIZE:
+                self._label_cache.popitem(last=False)
         return weights
 
     def scores(self, images: Any, labels: Sequence[str] | None = None, *, color: str = "bgr",

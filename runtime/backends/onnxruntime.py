@@ -101,5 +101,8 @@ class OnnxRuntimeBackend(Backend):
         self._output_names = [o.name for o in self.outputs]
 
     def _infer(self, feeds: dict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
-        values = self.session.run(self._output_names, feeds)
+        try:
+            values = self.session.run(self._output_names, feeds)
+        except Exception as e:  # onnxruntime's own untyped errors: a graph that fails on valid-looking feeds
+            raise BackendError(f"onnxruntime: '{self.path.name}' failed to run: {e}") from e
         return OrderedDict(zip(self._output_names, values))

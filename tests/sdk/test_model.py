@@ -111,6 +111,9 @@ def test_text_to_image_search_finds_the_right_photo(model, photos):
     (lambda m, f: m.embed_images(f), "takes a list of images"),
     (lambda m, f: m.embed_texts([]), "no texts"),
     (lambda m, f: m.embed_texts("hello"), "wrap it in a list"),
+    (lambda m, f: m.embed_texts(None), "takes a list of texts, got NoneType"),
+    (lambda m, f: m.embed_texts(["fine", "caf\udce9"]), "text 1 .* lone surrogate"),
+    (lambda m, f: m.classify(f, labels=["cat", "caf\udce9"]), "lone surrogate"),
     (lambda m, f: m.embed_images([f], batch_size=0), "batch_size must be a positive integer"),
 ])
 def test_bad_input_raises_input_error(model, call, message):
@@ -133,3 +136,79 @@ def test_load_without_path_uses_the_default_home(default_bundle, tmp_path, monke
     monkeypatch.setenv("EDGEMM_HOME", str(tmp_path))
     model = edgemm.load(threads=1)
     assert model.bundle.path == tmp_path / "bundles" / "default"
+
+
+# -- the manifest is checked against the graphs themselves ------------------------------------
+
+
+def _edit_manifest(path, change):
+    data = json.loads((path / "manifest.json").read_text())
+    change(data)
+    (path / "manifest.json").write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d.update(embedding_dim=512), "embedding_dim' is 512, but graph 'image_encoder' outputs 384-wide"),
+    (lambda d: d["image"].update(size=256), "image.size' is 256, but the image graph takes 'pixels'"),
+    (lambda d: d["scoring"].update(class_output="logits"), "scoring.class_output' reads output 'logits'"),
+    (lambda d: d["graphs"]["text_encoder"]["inputs"].pop(), "graphs.text_encoder.inputs' are \\['input_ids'\\], "
+                                                           "but the graph takes"),
+    (lambda d: d["graphs"]["image_encoder"]["inputs"][0].update(dtype="float16"), "is declared float16"),
+    (lambda d: d["text"].update(max_length=4096), "text graph fails on a text of text.max_length=4096 tokens"),
+])
+def test_manifest_values_that_contradict_the_graphs_are_refused_at_load(bundle_copy, change, message):
+    _edit_manifest(bundle_copy, change)
+    with pytest.raises(edgemm.BundleError, match=message):
+        edgemm.load(bundle_copy, threads=1)
+
+
+def test_class_embeddings_of_the_wrong_shape_are_refused(bundle_copy):
+    from edgemm.runtime.bundle import sha256_file
+
+    path = bundle_copy / "class_embeddings.npy"
+    np.save(path, np.load(path)[:10])
+    _edit_manifest(bundle_copy, lambda d: d["files"].update({"class_embeddings.npy": sha256_file(path)}))
+    with pytest.raises(edgemm.BundleError, match=r"class_embeddings has shape \(10, 384\).*1000 classes"):
+        edgemm.load(bundle_copy, threads=1)
+
+
+def test_label_cache_is_safe_when_another_thread_evicts_between_lookup_and_reorder(default_bundle, monkeypatch):
+    """Reproduces the race by widening the gap between get() and move_to_end(); without the lock: KeyError."""
+    import threading
+    import time
+    from collections import OrderedDict
+
+    import edgemm._model
+
+    class SlowReorder(OrderedDict):
+        def move_to_end(self, key, last=True):
+            time.sleep(0.002)  # another thread's eviction lands here
+            super().move_to_end(key, last)
+
+    monkeypatch.setattr(edgemm._model, "_LABEL_CACHE_SIZE", 1)
+    model = edgemm.load(default_bundle, threads=1)
+    model._label_cache = SlowReorder()
+    errors, stop = [], threading.Event()
+
+    def hit_one_set():
+        try:
+            while not stop.is_set():
+                model.label_weights(["cat", "dog"])
+        except Exception as e:  # noqa: BLE001 - the test reports whatever escapes
+            errors.append(e)
+
+    def evict():
+        try:
+            for i in range(40):
+                model.label_weights([f"thing {i}"])
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    readers = [threading.Thread(target=hit_one_set) for _ in range(2)]
+    for t in readers:
+        t.start()
+    evict()
+    stop.set()
+    for t in readers:
+        t.join()
+    assert errors == []
