@@ -15,20 +15,24 @@ Example:
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
+import struct
 import threading
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
 from edgemm._files import atomic_write
 from edgemm.runtime.errors import InputError
+from edgemm.runtime.limits import LIMITS
 
 __all__ = ["Hit", "VectorIndex"]
 
@@ -44,6 +48,15 @@ METRICS = ("cosine", "ip")
 _SCORE_BUDGET_BYTES = 256 * 2**20
 _MAX_CHUNK = 4096
 _MIN_CAPACITY = 16
+
+# Deflate's best case is one 258-byte match per 2-bit code, about 1032:1; a member claiming more lies.
+_MAX_DEFLATE_RATIO = 1040
+# Nesting of one metadata entry. Deeper data would make get() (deepcopy) and save() (json) recurse
+# towards Python's limit, so add() refuses it and load() refuses files that hold it.
+_MAX_METADATA_DEPTH = 64
+_READ_CHUNK_BYTES = 16 << 20  # load() inflates and checks vectors this much at a time
+_NORM_TOLERANCE = 1e-4  # under cosine, load() renormalises rows whose norm is further than this from 1
+_JSON_CONTAINERS = {list, dict}
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,12 +102,17 @@ class VectorIndex:
             (raw inner product).
 
     Raises:
-        InputError: If ``dim`` is not a positive int or ``metric`` is unknown.
+        InputError: If ``dim`` is not a positive int or is more than
+            ``edgemm.limits.max_dim``, or ``metric`` is unknown.
     """
 
     def __init__(self, dim: int, metric: str = "cosine") -> None:
         if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= 0:
             raise InputError(f"dim must be a positive int, got {dim!r}.")
+        if dim > LIMITS.max_dim:
+            raise InputError(
+                f"dim {dim} is more than edgemm.limits.max_dim ({LIMITS.max_dim}); {LIMITS.hint('max_dim')}."
+            )
         if metric not in METRICS:
             raise InputError(
                 f"Unknown metric {metric!r}; use one of {', '.join(map(repr, METRICS))}."
@@ -182,7 +200,8 @@ class VectorIndex:
         Raises:
             InputError: If the vectors are empty, of the wrong shape or dimension,
                 not finite, zero-norm under the cosine metric; or if ids or
-                metadata do not match the vectors, repeat, or already exist.
+                metadata do not match the vectors, repeat, or already exist; or
+                if metadata nests deeper than 64 levels.
         """
         with self._lock:
             x = self._as_matrix(vectors, "vectors")
@@ -352,15 +371,20 @@ class VectorIndex:
 
         The file is written to a temporary file in the same directory, flushed
         and fsynced, then renamed over ``path``; a crash or kill mid-save leaves
-        any previous file at ``path`` intact (at worst a stray ``.*.tmp`` file
-        remains beside it).
+        any previous file at ``path`` intact. A temp file that a killed save left
+        behind is removed by the next save of the same path; Ctrl-C or SIGTERM
+        during a save removes it at once. A symlink at ``path`` stays a link:
+        its target is replaced (see ``edgemm._files.atomic_write``).
 
         Args:
             path: Destination file; its directory must exist. Written as given
                 (no suffix is added).
 
         Raises:
-            InputError: If the directory does not exist or ``path`` is a directory.
+            InputError: If the directory does not exist; ``path`` is a directory,
+                FIFO, device or other non-regular file; or the filesystem refuses
+                the write (permissions, full disk). The message names ``path`` and
+                the system's reason; the old file is kept.
         """
         with self._lock:
             header = {
@@ -380,78 +404,104 @@ class VectorIndex:
     def load(cls, path: str | os.PathLike) -> VectorIndex:
         """Read an index written by ``save``.
 
+        The file is treated as untrusted: its zip directory and array headers are
+        checked against each other and against ``edgemm.limits`` (``max_index_bytes``,
+        ``max_json_bytes``, ``max_dim``) before anything large is inflated or
+        allocated, and vectors are read in bounded chunks.
+
         Args:
             path: A file written by ``VectorIndex.save``.
 
         Returns:
-            The loaded index.
+            The loaded index. Under the cosine metric, rows a foreign writer left
+            unnormalised are normalised.
 
         Raises:
-            InputError: If the file does not exist, is not an edgemm index file
-                or is inconsistent, or was written by a newer edgemm.
+            InputError: If the file does not exist or cannot be read; is not an
+                edgemm index file (not a zip of exactly ``header.npy`` and
+                ``vectors.npy``, sizes that disagree, a header that is not JSON or
+                nests metadata deeper than 64 levels, ids that repeat, vectors that
+                are not finite or, under the cosine metric, zero); declares more
+                than a limit allows (the message names the limit to raise); was
+                written by a newer edgemm; or does not fit in memory.
         """
         path = Path(path)
         if not path.is_file():
             raise InputError(f"No index file at {str(path)!r}; check the path (save() writes a single file).")
 
-        def bad(why: str) -> InputError:
-            return InputError(f"{str(path)!r} is not a valid edgemm index file: {why}.")
-
+        where = repr(str(path))
         try:
-            npz = np.load(path, allow_pickle=False)
-            if not isinstance(npz, np.lib.npyio.NpzFile):
-                raise bad("it holds a single .npy array, not an .npz archive")
-            with npz:
-                if set(npz.files) != {"header", "vectors"}:
-                    raise bad(f"expected arrays 'header' and 'vectors', found {sorted(npz.files)}")
-                header_arr = npz["header"]
-                vectors = npz["vectors"]
+            with open(path, "rb") as f:
+                if f.read(6) == b"\x93NUMPY":
+                    raise _not_index(where, "it holds a single .npy array, not an .npz archive")
+            with zipfile.ZipFile(path) as zf:
+                return cls._from_zip(zf, path.stat().st_size, where)
         except InputError:
             raise
-        except (OSError, ValueError, EOFError, KeyError, RuntimeError, zipfile.BadZipFile) as e:
-            # Truncated or foreign files fail in many ways inside zipfile and numpy's reader.
-            raise bad(f"cannot read it as .npz ({type(e).__name__}: {e})") from e
-
-        if header_arr.dtype != np.uint8 or header_arr.ndim != 1:
-            raise bad("the header is not a byte array")
-        try:
-            header = json.loads(header_arr.tobytes().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise bad(f"the header is not JSON ({e})") from e
-        if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
-            raise bad(f"format name is not {FORMAT_NAME!r}")
-        version = header.get("version")
-        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-            raise bad(f"format version {version!r} is not a positive int")
-        if version > FORMAT_VERSION:
+        except MemoryError as e:
             raise InputError(
-                f"{str(path)!r} uses index format version {version}, but this edgemm reads "
-                f"up to version {FORMAT_VERSION}; upgrade edgemm (pip install -U edgemm) to load it."
+                f"Not enough memory to load the index {where} ({e or 'MemoryError'}); "
+                "free memory or load it on a larger machine."
+            ) from e
+        except (OSError, ValueError, EOFError, KeyError, RuntimeError, RecursionError, struct.error, zlib.error,
+                zipfile.BadZipFile) as e:
+            # Truncated or foreign files fail in many ways inside zipfile and numpy's reader.
+            raise _not_index(where, f"cannot read it as .npz ({type(e).__name__}: {e})") from e
+
+    @classmethod
+    def _from_zip(cls, zf: zipfile.ZipFile, file_bytes: int, where: str) -> VectorIndex:
+        """Check every declared size against the others and the limits, then read in bounded chunks."""
+        bad = functools.partial(_not_index, where)
+        infos = {info.filename: info for info in zf.infolist()}
+        names = sorted(info.filename for info in zf.infolist())  # a list: a zip may repeat a name
+        if names != ["header.npy", "vectors.npy"]:
+            raise bad(f"expected arrays 'header' and 'vectors' (members header.npy, vectors.npy), found {names}")
+        declared = sum(info.file_size for info in infos.values())
+        if declared > LIMITS.max_index_bytes:
+            raise InputError(
+                f"{where} declares {declared} bytes of index data once inflated, more than "
+                f"edgemm.limits.max_index_bytes ({LIMITS.max_index_bytes}); {LIMITS.hint('max_index_bytes')}."
             )
+        for info in infos.values():
+            _check_zip_sizes(info, file_bytes, where)
 
-        dim, metric = header.get("dim"), header.get("metric")
-        ids, metadata = header.get("ids"), header.get("metadata")
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
-            raise bad(f"dim {dim!r} is not a positive int")
-        if metric not in METRICS:
-            raise bad(f"metric {metric!r} is unknown")
-        if vectors.dtype != np.float32 or vectors.ndim != 2 or vectors.shape[1] != dim:
-            raise bad(f"vectors have dtype {vectors.dtype} and shape {vectors.shape}, expected float32 (N, {dim})")
-        n = vectors.shape[0]
-        if not isinstance(ids, list) or len(ids) != n:
-            raise bad(f"it has {n} vectors but {len(ids) if isinstance(ids, list) else 'no list of'} ids")
-        if not isinstance(metadata, list) or len(metadata) != n:
-            raise bad(f"it has {n} vectors but the metadata list does not match")
-        if not all(_valid_id(i) for i in ids) or len(set(ids)) != n:
-            raise bad("ids must be unique ints or strings")
-        if not all(m is None or isinstance(m, dict) for m in metadata):
-            raise bad("metadata entries must be dicts or null")
-        if not np.isfinite(vectors).all():
-            raise bad("vectors contain NaN or infinite values")
+        with zf.open(infos["header.npy"]) as f:
+            shape, _, dtype = _npy_header(f, infos["header.npy"], where)
+            if dtype != np.uint8 or len(shape) != 1:
+                raise bad("the header is not a byte array")
+            if shape[0] > LIMITS.max_json_bytes:
+                raise InputError(
+                    f"{where}: its header is {shape[0]} bytes, more than edgemm.limits.max_json_bytes "
+                    f"({LIMITS.max_json_bytes}); {LIMITS.hint('max_json_bytes')}."
+                )
+            dim, metric, ids, metadata, header = _parse_header(f.read(shape[0]), where)
 
-        index = cls(dim, metric)
-        index._reserve(n)
-        index._data[:n] = vectors
+        with zf.open(infos["vectors.npy"]) as f:
+            shape, fortran_order, dtype = _npy_header(f, infos["vectors.npy"], where)
+            if dtype != np.float32 or len(shape) != 2 or shape[1] != dim:
+                raise bad(f"vectors have dtype {dtype} and shape {shape}, expected float32 (N, {dim})")
+            n = shape[0]
+            if fortran_order:
+                raise bad("vectors are stored in Fortran (column) order; save() writes C order")
+            if len(ids) != n:
+                raise bad(f"it has {n} vectors but {len(ids)} ids")
+            if len(metadata) != n:
+                raise bad(f"it has {n} vectors but the metadata list has {len(metadata)} entries")
+            count = header.get("count", n)  # save() writes it; hand-made files may leave it out
+            if isinstance(count, bool) or not isinstance(count, int) or count != n:
+                raise bad(f"its header says count {count!r} but it has {n} vectors")
+
+            index = cls(dim, metric)
+            index._reserve(n)
+            rows = max(1, _READ_CHUNK_BYTES // (4 * dim))
+            for start in range(0, n, rows):
+                block = index._data[start : min(n, start + rows)]
+                data = f.read(block.nbytes)
+                if len(data) != block.nbytes:
+                    raise bad("the vectors are cut short")
+                block[:] = np.frombuffer(data, dtype=np.float32).reshape(block.shape)
+                _check_loaded_rows(block, start, ids, metric, where)
+
         index._n = n
         index._ids = ids
         index._metadata = metadata
@@ -555,6 +605,116 @@ class VectorIndex:
         return out
 
 
+def _not_index(where: str, why: str) -> InputError:
+    return InputError(f"{where} is not a valid edgemm index file: {why}.")
+
+
+def _check_zip_sizes(info: zipfile.ZipInfo, file_bytes: int, where: str) -> None:
+    """Refuse sizes in the zip directory that the stored bytes cannot produce (a zip bomb's lie)."""
+    bad = functools.partial(_not_index, where)
+    if info.header_offset + info.compress_size > file_bytes:
+        raise bad(f"{info.filename} claims {info.compress_size} stored bytes, beyond the end of the file")
+    if info.compress_type == zipfile.ZIP_STORED:
+        possible = info.file_size == info.compress_size
+    elif info.compress_type == zipfile.ZIP_DEFLATED:
+        possible = info.file_size <= info.compress_size * _MAX_DEFLATE_RATIO
+    else:
+        raise bad(f"{info.filename} uses zip compression method {info.compress_type}; "
+                  "index files hold stored or deflated members")
+    if not possible:
+        raise bad(f"{info.filename} declares {info.file_size} bytes from {info.compress_size} stored, "
+                  "more than its compression can produce")
+
+
+def _npy_header(f: IO[bytes], info: zipfile.ZipInfo, where: str) -> tuple[tuple, bool, np.dtype]:
+    """Read a member's .npy header and check that it accounts for exactly the member's declared size."""
+    bad = functools.partial(_not_index, where)
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(f)
+    elif version == (2, 0):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(f)
+    else:
+        raise bad(f"{info.filename} has .npy format version {version}; index files use 1.0 or 2.0")
+    needed = f.tell() + math.prod(shape) * dtype.itemsize
+    if needed != info.file_size:
+        raise bad(f"{info.filename} declares {info.file_size} bytes, but its header and {dtype} array "
+                  f"of shape {shape} take {needed}")
+    return shape, fortran_order, dtype
+
+
+def _parse_header(data: bytes, where: str) -> tuple[int, str, list, list, dict]:
+    """The JSON header's fields, checked: ``(dim, metric, ids, metadata, header)``."""
+    bad = functools.partial(_not_index, where)
+
+    def not_a_number(name: str) -> None:
+        raise bad(f"the header holds {name}, which is not a JSON number")
+
+    try:
+        header = json.loads(data.decode("utf-8"), parse_constant=not_a_number)
+    except InputError:
+        raise
+    except RecursionError:
+        raise bad("its header nests too deeply to parse") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
+        raise bad(f"the header is not JSON ({e})") from e
+    if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
+        raise bad(f"format name is not {FORMAT_NAME!r}")
+    version = header.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise bad(f"format version {version!r} is not a positive int")
+    if version > FORMAT_VERSION:
+        raise InputError(
+            f"{where} uses index format version {version}, but this edgemm reads "
+            f"up to version {FORMAT_VERSION}; upgrade edgemm (pip install -U edgemm) to load it."
+        )
+    dim, metric = header.get("dim"), header.get("metric")
+    ids, metadata = header.get("ids"), header.get("metadata")
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
+        raise bad(f"dim {dim!r} is not a positive int")
+    if dim > LIMITS.max_dim:
+        raise InputError(f"{where} has dim {dim}, more than edgemm.limits.max_dim "
+                         f"({LIMITS.max_dim}); {LIMITS.hint('max_dim')}.")
+    if metric not in METRICS:
+        raise bad(f"metric {metric!r} is unknown")
+    if not isinstance(ids, list):
+        raise bad("its header has no list of ids")
+    # json gives exact types (bool is not int here), so sets of types check 100k entries in C.
+    if not set(map(type, ids)) <= {int, str} or len(set(ids)) != len(ids):
+        raise bad("ids must be unique ints or strings")
+    if not isinstance(metadata, list) or not set(map(type, metadata)) <= {dict, type(None)}:
+        raise bad("metadata must be a list of dicts or nulls")
+    depth = _depth(metadata) - 1
+    if depth > _MAX_METADATA_DEPTH:
+        raise bad(f"metadata nests {depth} levels deep, more than the {_MAX_METADATA_DEPTH} add() accepts")
+    return dim, metric, ids, metadata, header
+
+
+def _check_loaded_rows(block: np.ndarray, first: int, ids: list, metric: str, where: str) -> None:
+    """Refuse non-finite rows (and zero rows under cosine); normalise rows a foreign writer left unnormalised."""
+    # A float64 norm is finite exactly when every float32 in the row is.
+    norms = np.sqrt(np.einsum("ij,ij->i", block, block, dtype=np.float64))
+    broken = ~np.isfinite(norms) | ((norms == 0) if metric == "cosine" else False)
+    if broken.any():
+        r = int(np.flatnonzero(broken)[0])
+        what = ("NaN or infinite values" if norms[r] != 0
+                else "zero norm, which has no direction under the cosine metric")
+        raise _not_index(where, f"vector {first + r} (id {ids[first + r]!r}) has {what}")
+    if metric == "cosine":
+        off = np.flatnonzero(np.abs(norms - 1) > _NORM_TOLERANCE)
+        if off.size:
+            block[off] = (block[off] / norms[off, None]).astype(np.float32)
+
+
+def _depth(data: Any) -> int:
+    """Nesting depth of JSON data's lists and dicts (a scalar is 0), level by level: no recursion."""
+    depth, level = 0, [data]
+    while level := [o for o in level if type(o) in _JSON_CONTAINERS]:
+        depth += 1
+        level = [v for o in level for v in (o.values() if type(o) is dict else o)]
+    return depth
+
+
 def _rerank(query: int, hits: list[Hit], vectors: np.ndarray | None,
             reranker: Callable[[int, np.ndarray, Sequence[Hit]], np.ndarray], k: int) -> list[Hit]:
     if not hits:
@@ -589,7 +749,9 @@ def _check_metadata(metadata: Sequence[dict | None] | None, n_new: int) -> list[
             raise InputError(f"metadata[{pos}] is a {type(m).__name__}; each entry must be a dict or None.")
     try:
         # One dumps for the whole batch; only on failure look for the culprit.
-        return json.loads(json.dumps(metadata, allow_nan=False))
+        stored = json.loads(json.dumps(metadata, allow_nan=False))
+    except RecursionError:
+        raise InputError(f"metadata nests too deeply; at most {_MAX_METADATA_DEPTH} levels are allowed.") from None
     except (TypeError, ValueError):
         for pos, m in enumerate(metadata):
             try:
@@ -600,6 +762,13 @@ def _check_metadata(metadata: Sequence[dict | None] | None, n_new: int) -> list[
                     "strings, finite numbers, booleans and None."
                 ) from e
         raise
+    if _depth(stored) - 1 > _MAX_METADATA_DEPTH:
+        pos, depth = next((pos, d) for pos, m in enumerate(stored) if (d := _depth(m)) > _MAX_METADATA_DEPTH)
+        raise InputError(
+            f"metadata[{pos}] nests {depth} levels deep; at most {_MAX_METADATA_DEPTH} are allowed "
+            "(so that a saved index loads again); flatten it."
+        )
+    return stored
 
 
 def _normalise(x: np.ndarray, name: str) -> np.ndarray:

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
 import threading
+import time
+import tracemalloc
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +22,7 @@ import pytest
 
 from edgemm._index import Hit, VectorIndex
 from edgemm.runtime.errors import InputError
+from edgemm.runtime.limits import LIMITS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -452,8 +458,9 @@ def test_failed_save_removes_temp_file_and_keeps_old(tmp_path: Path, monkeypatch
 
     index.add(np.ones((1, 2)))
     monkeypatch.setattr(os, "fsync", broken_fsync)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(InputError, match="i.npz': disk full") as info:
         index.save(path)
+    assert isinstance(info.value.__cause__, OSError)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["i.npz"]
     assert path.read_bytes() == before
 
@@ -541,3 +548,265 @@ def test_save_killed_midway_leaves_previous_file_loadable(
     assert loaded.get("doc7")[1] == {"i": 7}
     query = rng.standard_normal(8)
     _assert_same_hits(loaded.search(query, k=5), original.search(query, k=5))
+
+
+# ---------------------------------------------------------------- hostile files
+#
+# Crafted files are built by hand so that their zip directory and .npy headers can
+# say anything: a few KB on disk may declare gigabytes.
+
+
+def _npy(shape: tuple, descr: str = "<f4", fortran: bool = False) -> bytes:
+    """A .npy (1.0) header declaring ``shape`` of ``descr``; the data is up to the caller."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": fortran, "shape": shape})
+    return buf.getvalue()
+
+
+def _member(name: str, data: bytes, *, declared: int | None = None) -> tuple:
+    """A stored zip member; ``declared`` overrides the uncompressed size the directory claims."""
+    return name, data, 0, len(data) if declared is None else declared, zlib.crc32(data)
+
+
+def _zeros_member(name: str, npy_header: bytes, zero_bytes: int) -> tuple:
+    """A deflated member of ``npy_header`` + ``zero_bytes`` zeros, without compressing them all.
+
+    After a full flush a deflate stream no longer refers back, so the compressed
+    form of one MiB of zeros can simply be repeated.
+    """
+    mib = 1 << 20
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    head = c.compress(npy_header) + c.flush(zlib.Z_FULL_FLUSH)
+    block = c.compress(bytes(mib)) + c.flush(zlib.Z_FULL_FLUSH)
+    crc = zlib.crc32(npy_header)
+    for _ in range(zero_bytes // mib):
+        crc = zlib.crc32(bytes(mib), crc)
+    return name, head + block * (zero_bytes // mib) + c.flush(), 8, len(npy_header) + zero_bytes, crc
+
+
+def _write_zip(path: Path, members: list[tuple]) -> None:
+    """A zip whose directory says exactly what each member tuple claims (name, bytes, method, size, crc)."""
+    local, central = b"", b""
+    for name, data, method, size, crc in members:
+        n = name.encode()
+        # version needed, flags, method, time, date (1980-01-01), crc, stored size, declared size
+        fields = struct.pack("<HHHHHIII", 20, 0, method, 0, 0x21, crc, len(data), size)
+        # name length, extra, comment, disk, internal and external attributes, offset of the local header
+        tail = struct.pack("<HHHHHII", len(n), 0, 0, 0, 0, 0, len(local))
+        central += b"PK\x01\x02" + struct.pack("<H", 20) + fields + tail + n
+        local += b"PK\x03\x04" + fields + struct.pack("<HH", len(n), 0) + n + data
+    end = b"PK\x05\x06" + struct.pack("<HHHHIIH", 0, 0, len(members), len(members), len(central), len(local), 0)
+    path.write_bytes(local + central + end)
+
+
+def _header_member(header: dict | str) -> tuple:
+    text = (header if isinstance(header, str) else json.dumps(header)).encode()
+    return _member("header.npy", _npy((len(text),), "|u1") + text)
+
+
+def _vectors_member(vectors: np.ndarray, **kw) -> tuple:
+    return _member("vectors.npy", _npy(vectors.shape) + vectors.astype("<f4").tobytes(), **kw)
+
+
+def test_load_refuses_an_inflating_bomb_before_inflating_it(tmp_path: Path) -> None:
+    # 400 MiB of zeros in a 0.4 MB file, declared as 50M vectors of a 1-vector index.
+    # HEAD inflated (and allocated) all of it before comparing with the ids;
+    # the 4 GB version of this file took it 33 s and 4.2 GB.
+    path = tmp_path / "bomb.npz"
+    n = 400 * 2**20 // 8
+    _write_zip(path, [_header_member(_header()), _zeros_member("vectors.npy", _npy((n, 2)), 400 * 2**20)])
+    assert path.stat().st_size < 2**20
+
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        with pytest.raises(InputError, match=f"{n} vectors but 1 ids"):
+            VectorIndex.load(path)
+        elapsed = time.perf_counter() - start
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20, f"load allocated {peak / 2**20:.0f} MiB before refusing"
+    assert elapsed < 0.1
+
+
+_RAW_DEFLATE = zlib.compress(_npy((1, 2)) + bytes(8))[2:-4]  # without zlib's header and checksum, as zip stores it
+
+
+@pytest.mark.parametrize(
+    ("members", "message"),
+    [
+        # The directory claims 4 GB from 200 deflated bytes: more than deflate (at most ~1032:1) can give.
+        ([_header_member(_header()), ("vectors.npy", _RAW_DEFLATE, 8, 4 * 10**9, zlib.crc32(_npy((1, 2)) + bytes(8)))],
+         "declares 4000000000 bytes from .* stored, more than its compression can produce"),
+        # The .npy header accounts for 8 bytes of data, the member holds 1000 more.
+        ([_header_member(_header()), _member("vectors.npy", _npy((1, 2)) + bytes(1008))],
+         r"vectors.npy declares 1136 bytes, but its header and float32 array of shape \(1, 2\) take 136"),
+        # A shape that HEAD tried to allocate (8 TiB: a raw MemoryError).
+        ([_header_member(_header()), _member("vectors.npy", _npy((2**40, 2)) + bytes(8))],
+         r"shape \(1099511627776, 2\) take 8796093022336"),
+        ([_header_member(_header(ids=[0, 1], metadata=[None, None])),
+          _member("vectors.npy", _npy((2, 2), fortran=True) + np.ones(4, "<f4").tobytes())], "Fortran"),
+        # Two members of one name: zipfile would read the last, a zip tool the first.
+        ([_header_member(_header()), _vectors_member(np.ones((1, 2))), _vectors_member(np.zeros((1, 2)))],
+         r"found \['header.npy', 'vectors.npy', 'vectors.npy'\]"),
+        ([_member("header", _header_member(_header())[1]), _member("vectors", _vectors_member(np.ones((1, 2)))[1])],
+         r"found \['header', 'vectors'\]"),
+        ([_header_member(_header()), ("vectors.npy", b"x" * 16, 12, 16, 0)], "compression method 12"),
+    ],
+    ids=["deflate-ratio", "trailing-bytes", "huge-shape", "fortran", "duplicate-member", "no-suffix", "bzip2"],
+)
+def test_load_refuses_sizes_and_members_that_disagree(tmp_path: Path, members: list, message: str) -> None:
+    path = tmp_path / "forged.npz"
+    _write_zip(path, members)
+    with pytest.raises(InputError, match=message):
+        VectorIndex.load(path)
+
+
+def test_load_honours_max_index_bytes_and_max_json_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "i.npz"
+    index = VectorIndex(8, metric="ip")
+    index.add(np.ones((100, 8)), metadata=[{"i": i} for i in range(100)])
+    index.save(path)
+    monkeypatch.setattr(LIMITS, "max_index_bytes", 3000)
+    with pytest.raises(InputError, match=r"more than edgemm.limits.max_index_bytes \(3000\); raise edgemm.limits"):
+        VectorIndex.load(path)
+    monkeypatch.setattr(LIMITS, "max_index_bytes", 10**6)
+    monkeypatch.setattr(LIMITS, "max_json_bytes", 1000)
+    with pytest.raises(InputError, match=r"its header is \d+ bytes, more than edgemm.limits.max_json_bytes \(1000\)"):
+        VectorIndex.load(path)
+    monkeypatch.setattr(LIMITS, "max_json_bytes", 10**6)
+    assert len(VectorIndex.load(path)) == 100
+
+
+def test_dim_is_bounded_by_max_dim(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(InputError, match=f"more than edgemm.limits.max_dim \\({LIMITS.max_dim}\\)"):
+        VectorIndex(LIMITS.max_dim + 1)
+    VectorIndex(16).save(tmp_path / "i.npz")
+    monkeypatch.setattr(LIMITS, "max_dim", 8)
+    with pytest.raises(InputError, match="has dim 16, more than edgemm.limits.max_dim .8.; raise"):
+        VectorIndex.load(tmp_path / "i.npz")
+
+
+def _deep(levels: int) -> dict:
+    entry: dict = {}
+    for _ in range(levels - 1):
+        entry = {"a": entry}
+    return entry
+
+
+@pytest.mark.parametrize(
+    ("header_text", "message"),
+    [
+        # 100k nested lists: HEAD's json.loads raised a bare RecursionError.
+        (json.dumps(_header())[:-1] + ', "extra": ' + "[" * 100_000 + "]" * 100_000 + "}", "nests too deeply"),
+        (json.dumps(_header(metadata=[_deep(65)])), "metadata nests 65 levels deep"),
+        (json.dumps(_header(count=3)), "count 3 but it has 1 vectors"),
+        (json.dumps(_header(metadata=[{"x": float("nan")}])), "NaN, which is not a JSON number"),
+        (json.dumps(_header(metadata=[None, None])), "metadata list has 2 entries"),
+    ],
+    ids=["recursion", "depth-65", "count", "nan", "metadata-length"],
+)
+def test_load_refuses_bad_json_headers(tmp_path: Path, header_text: str, message: str) -> None:
+    path = tmp_path / "h.npz"
+    _write_zip(path, [_header_member(header_text), _vectors_member(np.ones((1, 2)))])
+    with pytest.raises(InputError, match=message):
+        VectorIndex.load(path)
+
+
+def test_metadata_depth_limit_is_the_same_for_add_and_load(tmp_path: Path) -> None:
+    index = VectorIndex(2)
+    with pytest.raises(InputError, match=r"metadata\[1\] nests 65 levels deep; at most 64"):
+        index.add(np.ones((2, 2)), metadata=[None, _deep(65)])
+    with pytest.raises(InputError, match="nests too deeply"):
+        index.add(np.ones((1, 2)), metadata=[_deep(5000)])
+    index.add(np.ones((1, 2)), metadata=[_deep(64)])
+    index.save(tmp_path / "i.npz")
+    assert VectorIndex.load(tmp_path / "i.npz").get(0)[1] == _deep(64)
+
+
+def test_load_normalises_foreign_rows_under_cosine(tmp_path: Path) -> None:
+    path = tmp_path / "c.npz"
+    unit = np.array([0.6, 0.8], np.float32)
+    rows = np.stack([unit * 5, unit, unit * np.float32(1 + 5e-5)])
+    _write_zip(path, [_header_member(_header(metric="cosine", ids=["far", "unit", "near"], metadata=[None] * 3)),
+                      _vectors_member(rows)])
+    index = VectorIndex.load(path)
+    np.testing.assert_allclose(index.get("far")[0], unit, rtol=1e-6)
+    # Rows within 1e-4 of unit norm keep their exact bits (a saved index round-trips exactly).
+    np.testing.assert_array_equal(index.get("unit")[0], unit)
+    np.testing.assert_array_equal(index.get("near")[0], rows[2])
+    assert max(h.score for h in index.search(unit, k=3)[0]) <= 1 + 1e-4
+
+
+@pytest.mark.parametrize(
+    ("metric", "row", "message"),
+    [
+        ("cosine", [0.0, 0.0], r"vector 1 \(id 'b'\) has zero norm"),
+        ("ip", [np.nan, 1.0], r"vector 1 \(id 'b'\) has NaN or infinite values"),
+        ("cosine", [np.inf, 1.0], r"vector 1 \(id 'b'\) has NaN or infinite values"),
+    ],
+)
+def test_load_refuses_rows_naming_them(tmp_path: Path, metric: str, row: list, message: str) -> None:
+    path = tmp_path / "r.npz"
+    vectors = np.array([[1.0, 0.0], row], np.float32)
+    _write_zip(path, [_header_member(_header(metric=metric, ids=["a", "b"], metadata=[None, None])),
+                      _vectors_member(vectors)])
+    with pytest.raises(InputError, match=message):
+        VectorIndex.load(path)
+
+
+def test_corrupted_compressed_files_raise_only_input_error(tmp_path: Path, rng: np.random.Generator) -> None:
+    # A foreign writer may deflate its members (np.savez_compressed); flipping bytes of
+    # such a file reaches zlib, zipfile and numpy's header parser in many ways.
+    index = VectorIndex(4)
+    index.add(rng.standard_normal((6, 4)), metadata=[{"i": i} for i in range(6)])
+    header = {"format": "edgemm-index", "version": 1, "dim": 4, "metric": "cosine", "ids": index.ids,
+              "metadata": [index.get(i)[1] for i in index.ids]}
+    buf = io.BytesIO()
+    np.savez_compressed(buf, header=np.frombuffer(json.dumps(header).encode(), np.uint8),
+                        vectors=np.stack([index.get(i)[0] for i in index.ids]))
+    good = buf.getvalue()
+    path = tmp_path / "z.npz"
+    path.write_bytes(good)
+    assert VectorIndex.load(path).ids == index.ids
+    outcomes = set()
+    for pos in range(len(good)):
+        for flip in (0x01, 0x80):
+            path.write_bytes(good[:pos] + bytes([good[pos] ^ flip]) + good[pos + 1 :])
+            try:
+                VectorIndex.load(path)
+                outcomes.add("loaded")
+            except InputError as e:
+                assert str(path) in str(e)
+                outcomes.add("refused")
+    assert outcomes == {"loaded", "refused"}
+
+
+_LOW_MEMORY_CHILD = textwrap.dedent(
+    """
+    import resource, sys
+    from edgemm._index import VectorIndex
+
+    # Room for the interpreter and numpy as they are now, plus 256 MiB.
+    vm = int(next(l for l in open("/proc/self/status") if l.startswith("VmSize")).split()[1]) * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (vm + 256 * 2**20, resource.RLIM_INFINITY))
+    try:
+        VectorIndex.load(sys.argv[1])
+    except BaseException as e:
+        print(type(e).__name__, e)
+    """
+)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="needs RLIMIT_AS as Linux enforces it")
+def test_load_out_of_memory_is_input_error(tmp_path: Path) -> None:
+    # A consistent, 0.5 MB file of 4096 x 32768 zeros: 512 MiB, more than the child may allocate.
+    path = tmp_path / "big.npz"
+    n, dim = 4096, 32768
+    header = _header(dim=dim, ids=list(range(n)), metadata=[None] * n)
+    _write_zip(path, [_header_member(header), _zeros_member("vectors.npy", _npy((n, dim)), n * dim * 4)])
+    child = subprocess.run([sys.executable, "-c", _LOW_MEMORY_CHILD, str(path)], capture_output=True, text=True,
+                           cwd=REPO_ROOT, timeout=60)
+    assert child.stdout.startswith(f"InputError Not enough memory to load the index {str(path)!r}"), (
+        child.stdout + child.stderr)
