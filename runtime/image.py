@@ -7,12 +7,33 @@ a 2x2 area average (a box filter) takes about 0.6 ms. It is close, not equal:
 on the sample photos at 1080p the mean difference is up to 3.7 grey levels and
 the image embedding's cosine to the reference averages 0.99, dropping to about
 0.94 on fine textures (grass, gravel). The tests bound both.
+
+Deeper samples are brought to 8 bits by one rule: 16-bit images (numpy uint16,
+Pillow modes ``I;16*``, and mode ``I`` whose values fit in 16 bits, as some
+16-bit files open) are divided by 257, rounded (65535 → 255; negatives → 0);
+mode ``F`` floats are taken as [0, 1] if their maximum is at most 1, else as
+0-255, and clipped. 16-bit RGB(A) PNGs and TIFFs Pillow already opens as 8-bit.
+
+Files and PIL images are untrusted. Their declared size (``im.size``, read from
+the header without decoding) is checked against ``edgemm.limits.max_image_pixels``
+before any pixel is decoded, and anything Pillow raises on a hostile file
+(OSError, SyntaxError, struct.error, MemoryError, ...) becomes an ``InputError``.
+Pillow has its own process-wide bomb check (``PIL.Image.MAX_IMAGE_PIXELS``: a
+warning above it, an error above twice it) that runs inside ``Image.open``,
+before edgemm can look. Turning it off around each open (``MAX_IMAGE_PIXELS =
+None``, ``warnings.catch_warnings``) is not thread-safe, and turning it off for
+good would strip users' own Pillow code of its protection. So edgemm leaves it
+on and only ever raises it, to edgemm's limit, when a user raised that above
+Pillow's: the user asked for bigger images. Images under both limits load
+without a warning; one over them may get Pillow's warning before edgemm's error.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import struct
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +41,7 @@ import cv2
 import numpy as np
 
 from edgemm.runtime.errors import InputError
+from edgemm.runtime.limits import LIMITS
 from edgemm.runtime.manifest import ImagePreprocess
 
 COLOR_ORDERS = ("bgr", "rgb")
@@ -32,32 +54,83 @@ def center_crop_box(height: int, width: int, fraction: float) -> tuple[int, int,
     return (height - side) // 2, (width - side) // 2, side
 
 
+# What Pillow has been seen to raise on hostile files (its fuzzing, and ours), besides DecompressionBombError.
+_PILLOW_FAILURES = (OSError, SyntaxError, EOFError, struct.error, ValueError, TypeError, ArithmeticError,
+                    LookupError, NotImplementedError)
+
+
+def _scale16(a: np.ndarray) -> np.ndarray:
+    """16-bit samples → uint8, value / 257 rounded (65535 → 255)."""
+    return ((a.astype(np.uint32) + 128) // 257).astype(np.uint8)
+
+
+@contextmanager
+def _decoding(where: str, problem: str, advice: str) -> Iterator[None]:
+    """Whatever Pillow raises while opening or decoding → InputError naming the image and what to do."""
+    from PIL import Image
+
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < LIMITS.max_image_pixels:
+        Image.MAX_IMAGE_PIXELS = LIMITS.max_image_pixels  # only ever raised (module docstring)
+    try:
+        yield
+    except InputError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # Pillow's check in Image.open
+        raise InputError(f"{where}: {e} Pass a smaller image, or {LIMITS.hint('max_image_pixels')}.") from e
+    except MemoryError as e:
+        raise InputError(f"{where}: not enough memory to decode this image; pass a smaller image.") from e
+    except _PILLOW_FAILURES as e:
+        raise InputError(f"{where}: {problem} ({type(e).__name__}: {e}); {advice}") from e
+
+
+def _pil_to_rgb(im: Any, where: str) -> np.ndarray:
+    """An opened PIL image → RGB uint8 (H, W, 3); its declared size is checked before anything is decoded."""
+    w, h = im.size
+    if w * h == 0:
+        raise InputError(f"{where}: image is empty ({w}x{h}).")
+    if w * h > LIMITS.max_image_pixels:
+        raise InputError(f"{where}: {w}x{h} is {w * h:,} pixels, more than the limit of "
+                         f"{LIMITS.max_image_pixels:,}; pass a smaller image, or {LIMITS.hint('max_image_pixels')}.")
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im)
+        if im.mode == "I" and a.max() > 65535:
+            raise InputError(f"{where}: 32-bit integer pixels up to {a.max()} have no known range; "
+                             "convert the image to 8 or 16 bits first.")
+        return cv2.cvtColor(_scale16(np.maximum(a, 0)), cv2.COLOR_GRAY2RGB)
+    if im.mode == "F":
+        a = np.asarray(im)
+        if not np.isfinite(a).all():
+            raise InputError(f"{where}: the float image contains NaN or infinite pixels.")
+        gray = np.clip(np.rint(a * (255.0 if a.max() <= 1.0 else 1.0)), 0, 255).astype(np.uint8)
+        return cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB)
+    return np.asarray(im.convert("RGB"))
+
+
 def _read_file(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     if not path.exists():
         raise InputError(f"image file '{path}' does not exist.")
     if not path.is_file():
         raise InputError(f"image path '{path}' is not a file.")
-    try:
+    with _decoding(f"'{path}'", "could not be read as an image", "pass a JPEG, PNG, BMP, … file."):
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise InputError(f"'{path}' could not be read as an image ({e}); pass a JPEG, PNG, BMP, … file.") from e
+            return _pil_to_rgb(im, f"'{path}'")
 
 
 def to_rgb(image: Any, color: str = "bgr", *, where: str = "image") -> np.ndarray:
     """Any supported image → contiguous RGB uint8 array (H, W, 3).
 
     Args:
-        image: numpy uint8 array (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); a PIL
-            image; or a path to an image file.
+        image: numpy uint8 (or uint16, scaled by 1/257) array (H, W), (H, W, 1),
+            (H, W, 3) or (H, W, 4); a PIL image; or a path to an image file.
         color: Channel order of 3/4-channel arrays: ``"bgr"`` (OpenCV frames,
             the default) or ``"rgb"``. Files and PIL images carry their own.
         where: How to name this image in error messages.
 
     Raises:
-        InputError: Unsupported type, dtype, shape or colour order, or an unreadable file.
+        InputError: Unsupported type, dtype, shape or colour order; an unreadable file or PIL image;
+            or one larger than ``edgemm.limits.max_image_pixels``.
     """
     if color not in COLOR_ORDERS:
         raise InputError(f"color must be one of {COLOR_ORDERS}, got {color!r}.")
@@ -69,13 +142,16 @@ def to_rgb(image: Any, color: str = "bgr", *, where: str = "image") -> np.ndarra
         except ImportError:  # pragma: no cover - pillow is a dependency
             Image = None
         if Image is not None and isinstance(image, Image.Image):
-            return np.asarray(image.convert("RGB"))
+            with _decoding(where, "the PIL image could not be decoded", "its file may be truncated or damaged."):
+                return _pil_to_rgb(image, where)
         raise InputError(
             f"{where}: expected a numpy array, a PIL image or a file path, got {type(image).__name__}."
         )
-    if image.dtype != np.uint8:
+    if image.dtype.kind == "u" and image.dtype.itemsize == 2:
+        image = _scale16(image)
+    elif image.dtype != np.uint8:
         raise InputError(
-            f"{where}: expected dtype uint8 (0-255), got {image.dtype}. Convert first, e.g. "
+            f"{where}: expected dtype uint8 (0-255) or uint16 (0-65535), got {image.dtype}. Convert first, e.g. "
             "np.clip(img * 255, 0, 255).astype(np.uint8) for floats in [0, 1]."
         )
     if image.ndim == 3 and image.shape[2] == 1:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from edgemm._model import FAMILIES, DualEncoder, Prediction, _check_labels, _check_positive_int
-from edgemm.runtime.audio import AudioPreprocessor, to_mono
+from edgemm.runtime.audio import AudioPreprocessor, check_sample_rate, to_mono
 from edgemm.runtime.bundle import Bundle
 from edgemm.runtime.errors import BundleError, InputError
 from edgemm.runtime.image import IMAGE_SUFFIXES
@@ -311,8 +311,7 @@ class AVStream:
         if self._audio_rate is not None and sample_rate != self._audio_rate:
             raise InputError(f"the stream's audio is at {self._audio_rate} Hz; this chunk says {sample_rate} Hz. "
                              "Start a new stream for a new microphone setting.")
-        if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or sample_rate < 1000:
-            raise InputError(f"sample_rate must be an integer number of Hz ≥ 1000, got {sample_rate!r}.")
+        sample_rate = check_sample_rate(sample_rate, "audio chunk")
         keep = int(self.window * sample_rate)
         with self._lock:
             self._audio_rate = int(sample_rate)
