@@ -12,6 +12,7 @@ import numpy as np
 
 from edgemm.runtime.errors import EdgemmError, InputError
 from edgemm.runtime.image import IMAGE_SUFFIXES
+
 EXPORT_STEPS = {"default": 6, "audio-visual": 9, "matching": 8, "clip": 6}  # progress steps of each builder
 
 
@@ -47,8 +48,39 @@ def _labels(args: argparse.Namespace) -> list[str] | None:
         path = Path(args.labels_file)
         if not path.is_file():
             raise InputError(f"labels file '{path}' does not exist.")
-        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            text = path.read_text(encoding="utf-8-sig")  # -sig: Notepad's byte-order mark is not part of a label
+        except UnicodeDecodeError as e:
+            raise InputError(f"labels file '{path}' is not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x}); "
+                             "save it as UTF-8.") from None
+        except OSError as e:
+            raise InputError(f"cannot read labels file '{path}': {e.strerror}.") from None
+        return [line.strip() for line in text.splitlines() if line.strip()]
     return args.labels
+
+
+def _check_text_args(args: argparse.Namespace) -> None:
+    """Refuse texts that held non-UTF-8 bytes on the command line (Python turns each into a lone surrogate)."""
+    for name in ("labels", "texts", "text"):
+        value = getattr(args, name, None)
+        for text in [value] if isinstance(value, str) else value or []:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InputError(f"{name[:-1] if name.endswith('s') else name} {text!r} holds bytes that are not "
+                                 "UTF-8; pass UTF-8 text (check the encoding of the terminal or script).") from None
+
+
+def _check_folder(path: Path, what: str) -> None:
+    """Fail before the work rather than after it when an output's folder is missing."""
+    if not path.parent.is_dir():
+        raise InputError(f"cannot write {what} '{path}': folder '{path.parent}' does not exist; create it first.")
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -362,19 +394,44 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    model = _load(args)
+    from edgemm._files import atomic_write
+
     if bool(args.images) == bool(args.texts):
         raise InputError("give either --images or --texts (one of them).")
+    # np.save's own rule; it only applies it to names, not to the open file atomic_write hands over.
+    output = Path(args.output if args.output.endswith(".npy") else args.output + ".npy") if args.output else None
+    if output:
+        _check_folder(output, "embeddings")
+    model = _load(args)
     if args.images:
         vectors = model.embed_images([str(p) for p in _image_paths(args.images)], batch_size=args.batch_size)
     else:
         vectors = model.embed_texts(args.texts, batch_size=args.batch_size)
-    if args.output:
-        np.save(args.output, vectors)
-        print(f"wrote {vectors.shape[0]}x{vectors.shape[1]} embeddings to {args.output}")
+    if output:
+        atomic_write(output, lambda f: np.save(f, vectors), what="embeddings")
+        print(f"wrote {vectors.shape[0]}x{vectors.shape[1]} embeddings to {output}")
     else:
         _print_json(vectors.round(6).tolist())
     return 0
+
+
+def _embed_readable(model, chunk: list[Path], skipped: dict[Path, str]) -> tuple[list[Path], np.ndarray]:
+    """Embed a chunk; if an image in it is unreadable, embed it image by image and note the bad ones in ``skipped``."""
+    from tqdm import tqdm
+
+    try:
+        return chunk, model.embed_images([str(p) for p in chunk], batch_size=len(chunk))
+    except InputError:
+        pass  # one bad file fails the whole batch: find it without paying per-image calls on the happy path
+    good, vectors = [], []
+    for p in chunk:
+        try:
+            vectors.append(model.embed_images([str(p)])[0])
+            good.append(p)
+        except InputError as e:
+            skipped[p] = str(e)
+            tqdm.write(f"edgemm: skipped {p}: {e}", file=sys.stderr)
+    return good, np.array(vectors, np.float32).reshape(len(good), model.dim)
 
 
 def cmd_index_add(args: argparse.Namespace) -> int:
@@ -382,20 +439,53 @@ def cmd_index_add(args: argparse.Namespace) -> int:
 
     from edgemm._index import VectorIndex
 
-    model = _load(args)
     path = Path(args.index)
+    _check_folder(path, "index")
+    model = _load(args)
     index = VectorIndex.load(path) if path.exists() else VectorIndex(model.dim)
     if index.dim != model.dim:
         raise InputError(f"index '{path}' holds {index.dim}-d vectors but the model embeds {model.dim}-d.")
-    paths = [p for p in _image_paths(args.images) if str(p.absolute()) not in index]
-    for start in tqdm(range(0, len(paths), args.batch_size), desc="embedding", unit="batch", disable=args.quiet):
-        chunk = paths[start : start + args.batch_size]
-        vectors = model.embed_images([str(p) for p in chunk], batch_size=args.batch_size)
-        index.add(vectors, ids=[str(p.absolute()) for p in chunk],
-                  metadata=[{"path": str(p.absolute())} for p in chunk])  # rerankers re-read images from it
-    index.save(path)
-    print(f"added {len(paths)} images; {path} now holds {len(index)}")
-    return 0
+    # Ids are resolved paths, so a file named twice (./a.jpg, a folder holding it, a link to it) is added once;
+    # p.absolute() was the id before, and still marks a file as present in an index made then.
+    todo, seen, present = [], set(), 0
+    for p in _image_paths(args.images):
+        real = p.resolve()
+        if real not in seen:
+            seen.add(real)
+            if str(real) in index or str(p.absolute()) in index:
+                present += 1
+            else:
+                todo.append(real)
+    skipped: dict[Path, str] = {}
+    added = unsaved = 0
+    bar = tqdm(total=len(todo), desc="embedding", unit="image", disable=args.quiet)
+    for start in range(0, len(todo), args.batch_size):
+        chunk = todo[start : start + args.batch_size]
+        try:
+            good, vectors = _embed_readable(model, chunk, skipped)
+        except KeyboardInterrupt:  # keep what was embedded; a rerun of the same command continues from there
+            if unsaved:
+                index.save(path)
+                tqdm.write(f"edgemm: saved {len(index)} images to {path}; rerun to continue", file=sys.stderr)
+            raise
+        if good:
+            index.add(vectors, ids=[str(p) for p in good],
+                      metadata=[{"path": str(p)} for p in good])  # rerankers re-read images from it
+            added, unsaved = added + len(good), unsaved + len(good)
+        if unsaved >= args.checkpoint_every:  # a killed run loses at most this many images
+            index.save(path)
+            unsaved = 0
+        bar.update(len(chunk))
+    bar.close()
+    if unsaved or not path.exists():
+        index.save(path)
+    if args.json:
+        _print_json({"added": added, "skipped": [{"path": str(p), "reason": r} for p, r in skipped.items()],
+                     "already_present": present, "index": str(path), "size": len(index)})
+    else:
+        print(f"added {added} images, skipped {len(skipped)} unreadable, {present} already present; "
+              f"{path} now holds {len(index)}")
+    return 1 if args.strict and skipped else 0
 
 
 def cmd_index_search(args: argparse.Namespace) -> int:
@@ -579,17 +669,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("embed", help="embed images or texts")
     p.add_argument("--images", nargs="+", help="image files or directories")
     p.add_argument("--texts", nargs="+", help="texts")
-    p.add_argument("-o", "--output", help="write a .npy file (default: print JSON)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("-o", "--output", help="write a .npy file, atomically; '.npy' is appended when missing "
+                   "(default: print JSON)")
+    p.add_argument("--batch-size", type=_positive_int, default=32)
     runtime_options(p)
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("index", help="a vector index file of image embeddings")
     isub = p.add_subparsers(dest="index_command", required=True)
-    q = isub.add_parser("add", help="embed images and add them (creates the index if needed)")
+    q = isub.add_parser("add", help="embed images and add them (creates the index if needed)",
+                        description="Embed images and add them to an index file, created if needed. Each file is "
+                        "added once (by its resolved path) and images already in the index are skipped, so "
+                        "rerunning an interrupted command continues it. Unreadable images are reported on stderr "
+                        "and skipped. Exit status: 0, or 1 with --strict when an image was skipped (the rest are "
+                        "still added), 2 for errors.")
     q.add_argument("index", help="index file")
     q.add_argument("images", nargs="+", help="image files or directories")
-    q.add_argument("--batch-size", type=int, default=32)
+    q.add_argument("--batch-size", type=_positive_int, default=32)
+    q.add_argument("--checkpoint-every", type=_positive_int, default=1000, metavar="N",
+                   help="save the index after every N new images (default 1000), so a killed run keeps them")
+    q.add_argument("--strict", action="store_true", help="exit with status 1 if any image was unreadable")
     runtime_options(q)
     q.set_defaults(func=cmd_index_add)
     q = isub.add_parser("search", help="search the index with a text or an image")
@@ -612,9 +711,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _check_text_args(args)
         return args.func(args)
     except EdgemmError as e:
         print(f"edgemm: error: {e}", file=sys.stderr)
+        return 2
+    except (MemoryError, RecursionError) as e:  # hostile files: huge sizes, deep nesting
+        print(f"edgemm: error: an input is too large or too deeply nested to read ({type(e).__name__}); "
+              "check the files given.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("edgemm: interrupted", file=sys.stderr)
