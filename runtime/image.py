@@ -177,11 +177,7 @@ class ImagePreprocessor:
     """
 
     def __init__(self, spec: ImagePreprocess):
-        if spec.color != "RGB":
-            raise InputError(f"unsupported graph colour order {spec.color!r}; this runtime feeds RGB.")
-        if spec.resize not in ("crop", "squash"):
-            raise InputError(f"unsupported resize mode {spec.resize!r}; this runtime knows 'crop' and 'squash'.")
-        self.spec = spec
+        self.spec = spec  # its colour order and resize mode were checked with the manifest
         self.size = int(spec.size)
         self.squash = spec.resize == "squash"
         # Folded so one multiply-add per pixel does (x - mean) / std.
