@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from edgemm.runtime.errors import BundleError
+from edgemm.runtime.errors import BundleError, EdgemmError
 from edgemm.runtime.limits import LIMITS
 
 SCHEMA_VERSION = 2  # the newest manifest schema this runtime understands
@@ -436,11 +436,11 @@ class Manifest:
             raise BundleError(f"{where}: {e}. Re-export the bundle (or fix that field).") from None
 
 
-def parse_json(data: bytes, where: str) -> Any:
-    """Strict JSON from an untrusted file: UTF-8, no duplicate keys, nesting the parser can take.
+def parse_json(data: bytes, where: str, error: type[EdgemmError] = BundleError) -> Any:
+    """Strict JSON from an untrusted file: UTF-8, no duplicate keys, no NaN/Infinity, nesting the parser can take.
 
     Raises:
-        BundleError: Naming ``where`` and what is wrong.
+        EdgemmError: ``error`` (a ``BundleError`` unless given), naming ``where`` and what is wrong.
     """
 
     def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -448,16 +448,19 @@ def parse_json(data: bytes, where: str) -> Any:
         if len(obj) != len(pairs):
             seen = set()
             dup = next(k for k, _ in pairs if k in seen or seen.add(k))
-            raise BundleError(f"{where}: key {dup!r} appears twice in one object; a reader could take either value.")
+            raise error(f"{where}: key {dup!r} appears twice in one object; a reader could take either value.")
         return obj
 
     def not_a_number(name: str) -> Any:
-        raise BundleError(f"{where}: {name} is not a JSON number (Python's json writes it; the standard does not).")
+        raise error(f"{where}: holds {name}, which is not a JSON number (Python's json writes it; the standard "
+                    "does not).")
 
     try:
         return json.loads(data.decode("utf-8"), object_pairs_hook=no_duplicates, parse_constant=not_a_number)
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise BundleError(f"{where}: cannot be read as JSON ({e}). Re-export the bundle.") from None
+    except RecursionError:
+        raise error(f"{where}: nests too deeply to parse; this file was not made by edgemm.") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise error(f"{where}: cannot be read as JSON ({e}).") from None
 
 
 def read_json_file(path: Path, max_bytes: int, limit: str) -> Any:

@@ -33,6 +33,7 @@ import numpy as np
 from edgemm._files import atomic_write
 from edgemm.runtime.errors import InputError
 from edgemm.runtime.limits import LIMITS
+from edgemm.runtime.manifest import parse_json
 
 __all__ = ["Hit", "VectorIndex"]
 
@@ -647,17 +648,7 @@ def _parse_header(data: bytes, where: str) -> tuple[int, str, list, list, dict]:
     """The JSON header's fields, checked: ``(dim, metric, ids, metadata, header)``."""
     bad = functools.partial(_not_index, where)
 
-    def not_a_number(name: str) -> None:
-        raise bad(f"the header holds {name}, which is not a JSON number")
-
-    try:
-        header = json.loads(data.decode("utf-8"), parse_constant=not_a_number)
-    except InputError:
-        raise
-    except RecursionError:
-        raise bad("its header nests too deeply to parse") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
-        raise bad(f"the header is not JSON ({e})") from e
+    header = parse_json(data, f"{where} (its JSON header)", InputError)
     if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
         raise bad(f"format name is not {FORMAT_NAME!r}")
     version = header.get("version")

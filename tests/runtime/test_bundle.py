@@ -215,7 +215,7 @@ def test_duplicate_json_keys_are_refused(bundle_copy):
 
 def test_deeply_nested_manifest_is_a_bundle_error(bundle_copy):
     (bundle_copy / "manifest.json").write_text('{"schema_version": 2, "source": ' + "[" * 100_000 + "]" * 100_000 + "}")
-    with pytest.raises(BundleError, match="cannot be read as JSON"):
+    with pytest.raises(BundleError, match="nests too deeply to parse"):
         Bundle(bundle_copy)
 
 

@@ -704,8 +704,10 @@ def _deep(levels: int) -> dict:
         (json.dumps(_header(count=3)), "count 3 but it has 1 vectors"),
         (json.dumps(_header(metadata=[{"x": float("nan")}])), "NaN, which is not a JSON number"),
         (json.dumps(_header(metadata=[None, None])), "metadata list has 2 entries"),
+        # Two "metric" keys: one reader would search by cosine, another by inner product.
+        (json.dumps(_header())[:-1] + ', "metric": "ip"}', "key 'metric' appears twice"),
     ],
-    ids=["recursion", "depth-65", "count", "nan", "metadata-length"],
+    ids=["recursion", "depth-65", "count", "nan", "metadata-length", "duplicate-key"],
 )
 def test_load_refuses_bad_json_headers(tmp_path: Path, header_text: str, message: str) -> None:
     path = tmp_path / "h.npz"
