@@ -23,12 +23,15 @@ import numpy as np
 from edgemm.runtime.errors import BundleError, EdgemmError
 from edgemm.runtime.limits import LIMITS
 
-SCHEMA_VERSION = 2  # the newest manifest schema this runtime understands
+SCHEMA_VERSION = 3  # the newest manifest schema this runtime understands
 # 2: image.resize, text.padding, scoring "sigmoid" with logit_bias, precision "int8"/"fp16" bundles
+# 3: family "captioner" with a "generation" entry; "scoring" and "embedding_dim" only for families that embed
 MANIFEST_NAME = "manifest.json"
 SCORING_KINDS = ("cosine", "sigmoid", "class_space")
 FUSION_TASKS = ("matching", "classification")
 VIDEO_POOLINGS = ("mean", "attention")
+CAPTION_ENCODER, CAPTION_DECODER = "caption_encoder", "caption_decoder"  # a captioner's image and decoder-step graphs
+GENERATIVE_FAMILIES = ("captioner",)  # families that generate text rather than embed: no scoring, no embedding_dim
 TOKENS = "tokens"  # pseudo graph role of the tokenizer's own arrays (fusion inputs may read its attention mask)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -257,6 +260,50 @@ class Fusion:
 
 
 @dataclass(frozen=True)
+class Generation:
+    """How a captioner's decoder-step graph is driven: its tokens, its cache and its default decoding settings."""
+
+    tokenizer: str  # tokenizer.json that decodes the generated ids (and encodes prompts)
+    start_ids: list[int]  # decoder ids before any prompt (transformers' decoder start / BOS tokens)
+    eos_ids: list[int]  # ids that end a caption
+    pad_id: int  # id transformers fills finished positions with (never returned)
+    max_positions: int  # the decoder's position table: prompt + generated tokens must fit
+    cache: dict[str, str]  # decoder past input → the present output that feeds it at the next step
+    memory: list[str]  # decoder inputs the image graph outputs under the same names (cross-attention keys/values)
+    input_ids: str = "input_ids"  # decoder input: new token ids (batch, tokens)
+    logits: str = "logits"  # decoder output: next-token logits of the last position (batch, vocab)
+    prompt: bool = False  # whether the model takes a text prompt after start_ids (BLIP's conditional captioning)
+    settings: dict[str, Any] = field(default_factory=dict)  # default decoding settings (max_new_tokens, num_beams, …)
+
+    def __post_init__(self):
+        check_relative_path("tokenizer", self.tokenizer)
+        for name in ("start_ids", "eos_ids"):
+            ids = getattr(self, name)
+            if not isinstance(ids, list) or not 0 < len(ids) <= 64:
+                raise ManifestFieldError(name, f"must be a list of 1 to 64 token ids, got {ids!r}")
+            for i in ids:
+                _int(name, i, 0, 1 << 31)
+        _int("pad_id", self.pad_id, 0, 1 << 31)
+        _int("max_positions", self.max_positions, len(self.start_ids) + 1, 1 << 20)
+        for name in ("input_ids", "logits"):
+            _text(name, getattr(self, name))
+        if not isinstance(self.cache, dict) or not self.cache or not all(
+                isinstance(k, str) and k and isinstance(v, str) and v for k, v in self.cache.items()):
+            raise ManifestFieldError("cache", f"must map each past input to its present output, got {self.cache!r}")
+        if not isinstance(self.memory, list) or not self.memory or not all(
+                isinstance(m, str) and m for m in self.memory) or len(set(self.memory)) != len(self.memory):
+            raise ManifestFieldError("memory", f"must be a list of distinct tensor names, got {self.memory!r}")
+        if not isinstance(self.prompt, bool):
+            raise ManifestFieldError("prompt", f"must be true or false, got {self.prompt!r}")
+        if not isinstance(self.settings, dict) or not all(isinstance(k, str) for k in self.settings):
+            raise ManifestFieldError("settings", f"must be a JSON object of decoding settings, got {self.settings!r}")
+        for key, value in self.settings.items():
+            if not (value is None or isinstance(value, (bool, int, float, str)) or (
+                    isinstance(value, list) and len(value) <= 1 << 16 and all(isinstance(v, int) for v in value))):
+                raise ManifestFieldError(f"settings.{key}", f"must be a number, a string or a list of ids, got {value!r}")
+
+
+@dataclass(frozen=True)
 class Labels:
     file: str  # JSON list of default label names, relative to the bundle
     prompt: str = "{}"  # template a label is put in before embedding
@@ -277,17 +324,18 @@ class Manifest:
     schema_version: int
     name: str  # bundle name, e.g. "default"
     family: str  # model family, e.g. "dual_encoder"
-    embedding_dim: int  # size of every embedding output
+    embedding_dim: int | None  # size of every embedding output (None: a generative family, which embeds nothing)
     precision: str  # "fp32", "fp16", "int8"
     graphs: dict[str, GraphSpec]  # role ("image_encoder", "text_encoder", …) → graph
     image: ImagePreprocess | None
     text: TextPreprocess | None
-    scoring: Scoring
+    scoring: Scoring | None  # None only for generative families
     labels: Labels | None
     files: dict[str, str]  # every file of the bundle (but the manifest) → sha256 hex digest
     verification: dict[str, Any] = field(default_factory=dict)  # graph → figures measured at export
     audio: AudioPreprocess | None = None  # audio-visual bundles
     fusion: Fusion | None = None  # fusion bundles
+    generation: Generation | None = None  # captioners
     source: dict[str, Any] = field(default_factory=dict)  # what the model was built from
     tools: dict[str, str] = field(default_factory=dict)  # package → version that made the bundle
     created: str = ""  # ISO 8601 UTC time of export
@@ -296,7 +344,24 @@ class Manifest:
         _int("schema_version", self.schema_version, 1, SCHEMA_VERSION)
         for name in ("name", "family", "precision"):
             _text(name, getattr(self, name))
-        _int("embedding_dim", self.embedding_dim, 1, 1 << 16)
+        if self.family in GENERATIVE_FAMILIES:
+            if self.generation is None:
+                raise ManifestFieldError("generation", f"is required by a {self.family} bundle")
+            if self.embedding_dim is not None:
+                _int("embedding_dim", self.embedding_dim, 1, 1 << 16)
+            for role in (CAPTION_ENCODER, CAPTION_DECODER):
+                if role not in self.graphs:
+                    raise ManifestFieldError("graphs", f"lacks {role!r}, which a {self.family} bundle needs")
+            g, inputs = self.generation, {t.name for t in self.graphs[CAPTION_DECODER].inputs}
+            for name, value in (("input_ids", g.input_ids), *((f"cache.{p}", p) for p in g.cache),
+                                *((f"memory.{m}", m) for m in g.memory)):
+                if value not in inputs:
+                    raise ManifestFieldError(f"generation.{name}", f"names {value!r}, which graph {CAPTION_DECODER!r} "
+                                                                  f"does not take (it takes {sorted(inputs)})")
+        else:
+            _int("embedding_dim", self.embedding_dim, 1, 1 << 16)
+            if self.scoring is None:
+                raise ManifestFieldError("scoring", "is missing")
         if not isinstance(self.graphs, dict) or not self.graphs:
             raise ManifestFieldError("graphs", "must name at least one graph")
         if not isinstance(self.files, dict) or not all(
@@ -320,7 +385,8 @@ class Manifest:
         """(field, relative path) of every file a manifest field names; each must also be in ``files``."""
         named = [(f"graphs.{role}.file", g.file) for role, g in self.graphs.items()]
         for section, attrs in (("text", ("tokenizer",)), ("labels", ("file",)),
-                               ("scoring", ("class_embeddings", "scene_labels")), ("fusion", ("labels",))):
+                               ("scoring", ("class_embeddings", "scene_labels")), ("fusion", ("labels",)),
+                               ("generation", ("tokenizer",))):
             part = getattr(self, section)
             named += [(f"{section}.{a}", getattr(part, a)) for a in attrs if part and getattr(part, a) is not None]
         return named
@@ -328,11 +394,17 @@ class Manifest:
     def output_references(self) -> list[tuple[str, str, str]]:
         """(field, graph role, output name) of every graph output a manifest field reads."""
         s, refs = self.scoring, []
-        refs += [("scoring.class_output", "image_encoder", s.class_output)] if s.class_output else []
-        refs += [(f"scoring.{a}", "audio_encoder", getattr(s, a)) for a in ("audio_output", "scene_output")
-                 if getattr(s, a)]
+        if s is not None:
+            refs += [("scoring.class_output", "image_encoder", s.class_output)] if s.class_output else []
+            refs += [(f"scoring.{a}", "audio_encoder", getattr(s, a)) for a in ("audio_output", "scene_output")
+                     if getattr(s, a)]
         if self.fusion:
             refs += [(f"fusion.inputs.{k}", *v.split("/")) for k, v in self.fusion.inputs.items()]
+        if self.generation:
+            g = self.generation
+            refs += [("generation.logits", CAPTION_DECODER, g.logits)]
+            refs += [(f"generation.cache.{p}", CAPTION_DECODER, present) for p, present in g.cache.items()]
+            refs += [(f"generation.memory.{m}", CAPTION_ENCODER, m) for m in g.memory]
         return refs
 
     def check_graph(self, role: str, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> None:
@@ -410,8 +482,10 @@ class Manifest:
                 f"(up to {SCHEMA_VERSION}). Upgrade edgemm on this device, or re-export the bundle with this version."
             )
         try:
-            missing = [k for k in ("name", "family", "embedding_dim", "precision", "graphs", "scoring", "files")
-                       if k not in data]
+            required = ["name", "family", "precision", "graphs", "files"]
+            if data.get("family") not in GENERATIVE_FAMILIES:
+                required += ["embedding_dim", "scoring"]
+            missing = [k for k in required if k not in data]
             if missing:
                 raise ManifestFieldError(missing[0], "is missing")
             if not isinstance(data["graphs"], dict):
@@ -424,11 +498,13 @@ class Manifest:
                     raise e.within(f"graphs.{role}") from None
             sections = {name: _build(name, kind, data[name]) if data.get(name) else None
                         for name, kind in (("image", ImagePreprocess), ("text", TextPreprocess), ("labels", Labels),
-                                           ("audio", AudioPreprocess), ("fusion", Fusion))}
+                                           ("audio", AudioPreprocess), ("fusion", Fusion),
+                                           ("generation", Generation))}
             return cls(
                 schema_version=version, name=data["name"], family=data["family"],
-                embedding_dim=data["embedding_dim"], precision=data["precision"], graphs=graphs,
-                scoring=_build("scoring", Scoring, data["scoring"]), files=data["files"],
+                embedding_dim=data.get("embedding_dim"), precision=data["precision"], graphs=graphs,
+                scoring=_build("scoring", Scoring, data["scoring"]) if data.get("scoring") is not None else None,
+                files=data["files"],
                 verification=data.get("verification", {}), source=data.get("source", {}),
                 tools=data.get("tools", {}), created=str(data.get("created", "")), **sections,
             )

@@ -11,6 +11,24 @@ from edgemm.runtime.errors import BundleError, InputError
 from edgemm.runtime.limits import LIMITS
 
 
+def load_tokenizer(path: str | Path):
+    """A bundle's ``tokenizer.json`` as a ``tokenizers.Tokenizer``, size-bounded (``edgemm.limits``).
+
+    Raises:
+        BundleError: Too large or malformed.
+    """
+    from tokenizers import Tokenizer
+
+    size = Path(path).stat().st_size
+    if size > LIMITS.max_tokenizer_bytes:
+        raise BundleError(f"tokenizer '{path}' is {size} bytes, more than {LIMITS.max_tokenizer_bytes}; "
+                          f"{LIMITS.hint('max_tokenizer_bytes')}.")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed files
+        raise BundleError(f"tokenizer '{path}' could not be loaded: {e}") from e
+
+
 class TextTokenizer:
     """Batch tokenizer producing the text graph's ``input_ids`` and ``attention_mask``.
 
@@ -25,16 +43,7 @@ class TextTokenizer:
     def __init__(self, path: str | Path, *, max_length: int, pad_id: int, padding: str = "longest"):
         if padding not in ("longest", "max_length"):
             raise BundleError(f"unknown text padding {padding!r}; this runtime knows 'longest' and 'max_length'.")
-        from tokenizers import Tokenizer
-
-        size = Path(path).stat().st_size
-        if size > LIMITS.max_tokenizer_bytes:
-            raise BundleError(f"tokenizer '{path}' is {size} bytes, more than {LIMITS.max_tokenizer_bytes}; "
-                              f"{LIMITS.hint('max_tokenizer_bytes')}.")
-        try:
-            self._tok = Tokenizer.from_file(str(path))
-        except Exception as e:  # tokenizers raises a bare Exception on malformed files
-            raise BundleError(f"tokenizer '{path}' could not be loaded: {e}") from e
+        self._tok = load_tokenizer(path)
         self._tok.no_padding()
         self._tok.enable_truncation(max_length=max_length)
         self.max_length = max_length

@@ -4,11 +4,13 @@
     >>> model = edgemm.load()                       # the default model, built on first use
     >>> model.classify(frame, labels=["person", "dog", "forklift"])
     >>> index = edgemm.VectorIndex(dim=model.dim)
+    >>> edgemm.load(default="captioner").caption(frame).text
 """
 
 from __future__ import annotations
 
 from edgemm._av import AudioVisual, AVFit, AVResult, AVStream, fit_av_fusion, save_av_fusion
+from edgemm._caption import Caption, Captioner
 from edgemm._fusion import FusionModel
 from edgemm._index import Hit, VectorIndex
 from edgemm._model import DualEncoder, Prediction, default_bundle_dir, load
@@ -32,6 +34,8 @@ __all__ = [
     "AudioVisual",
     "BackendError",
     "BundleError",
+    "Caption",
+    "Captioner",
     "DualEncoder",
     "EdgemmError",
     "ExportError",

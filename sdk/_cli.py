@@ -1,4 +1,4 @@
-"""The ``edgemm`` command line: export, quantize, bench, info, classify, embed, index, eval."""
+"""The ``edgemm`` command line: export, quantize, bench, info, classify, caption, embed, index, eval."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import numpy as np
 from edgemm.runtime.errors import EdgemmError, InputError
 from edgemm.runtime.image import IMAGE_SUFFIXES
 
-EXPORT_STEPS = {"default": 6, "audio-visual": 9, "matching": 8, "clip": 6}  # progress steps of each builder
+EXPORT_STEPS = {"default": 6, "audio-visual": 9, "matching": 8, "clip": 6, "captioner": 7}  # progress steps of each builder
+FROM_FOLDER = ("clip", "captioner")  # exports that take a user's folder with --from (captioner: optional)
 
 
 def _print_json(obj: Any) -> None:
@@ -61,7 +62,7 @@ def _labels(args: argparse.Namespace) -> list[str] | None:
 
 def _check_text_args(args: argparse.Namespace) -> None:
     """Refuse texts that held non-UTF-8 bytes on the command line (Python turns each into a lone surrogate)."""
-    for name in ("labels", "texts", "text"):
+    for name in ("labels", "texts", "text", "prompt"):
         value = getattr(args, name, None)
         for text in [value] if isinstance(value, str) else value or []:
             try:
@@ -84,9 +85,11 @@ def _positive_int(text: str) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    if (args.model == "clip") != (args.source is not None):
-        raise InputError("'edgemm export clip' needs --from FOLDER (a local Hugging Face CLIP/SigLIP folder); "
-                         f"'edgemm export {args.model}' takes none.")
+    if args.model == "clip" and args.source is None:
+        raise InputError("'edgemm export clip' needs --from FOLDER (a local Hugging Face CLIP/SigLIP folder).")
+    if args.model not in FROM_FOLDER and args.source is not None:
+        raise InputError(f"'edgemm export {args.model}' builds a built-in model and takes no --from; use "
+                         "'edgemm export clip --from DIR' or 'edgemm export captioner --from DIR' for your own.")
     import importlib
 
     from tqdm import tqdm
@@ -99,7 +102,14 @@ def cmd_export(args: argparse.Namespace) -> int:
         steps.set_postfix_str(message)
         steps.update(1)
 
-    if args.model in DEFAULT_MODELS:
+    if args.model == "captioner" and args.source is not None:
+        from edgemm.export.models.captioner import build_captioner_bundle
+        from edgemm.export.models.hf_captioner import CaptionCheckpoint
+
+        progress(f"loading {args.source}")
+        parts = CaptionCheckpoint(args.source).parts(args.name)
+        manifest = build_captioner_bundle(parts, args.output, overwrite=args.force, progress=progress)
+    elif args.model in DEFAULT_MODELS:
         module, builder = DEFAULT_MODELS[args.model]
         build = getattr(importlib.import_module(module), builder)
         manifest = build(args.output, overwrite=args.force, progress=progress)
@@ -113,14 +123,30 @@ def cmd_export(args: argparse.Namespace) -> int:
             diffs = ", ".join(f"{k} {v:.1e}" for k, v in report["max_abs_diff"].items())
             print(f"verified {role}: max abs diff {diffs} (tolerance {report['tolerance']:g}) on {report['inputs']}")
     checks = manifest.verification
+    if "generation" in checks:
+        print(_generation_summary(checks["generation"]))
     if "tokenizer" in checks:
         print(f"verified tokenizer: identical ids to the folder's tokenizer on {checks['tokenizer']['texts']} texts")
-    if "preprocessing" in checks:
+    if "preprocessing" in checks and "embedding_cosine_mean" in checks["preprocessing"]:
         pre = checks["preprocessing"]
         print(f"preprocessing vs the folder's image processor: embedding cosine mean "
               f"{pre['embedding_cosine_mean']:.4f}, min {pre['embedding_cosine_min']:.4f} on {pre['images']} photos")
+    elif "preprocessing" in checks:
+        pre = checks["preprocessing"]
+        print(f"preprocessing vs the folder's image processor: memory cosine min {pre['memory_cosine_min']:.4f}, "
+              f"same greedy caption on {pre['same_greedy_caption']} of {pre['images']} photos")
     print(f"wrote {args.output}")
     return 0
+
+
+def _generation_summary(report: dict[str, Any]) -> str:
+    modes = [m for m in ("greedy", "beam", "prompted") if m in report]
+    parts = [f"{m}{' ' + str(report[m]['settings']['num_beams']) + ' beams' if m == 'beam' else ''} "
+             f"{report[m]['identical_tokens']}/{report[m]['of']}" for m in modes]
+    logits = report["logits"]["max_abs_diff"]
+    return (f"verified generation: identical token ids to {report['compared_to']} on {report['images']} photos "
+            f"({', '.join(parts)}); logits max abs diff first step {logits['first_step']:.1e}, cached steps "
+            f"{logits['cached_steps']:.1e}")
 
 
 def _calibration_paths(items: list[str] | None) -> tuple[Path | None, Path | None]:
@@ -190,7 +216,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(m.to_dict())
         return 0
-    print(f"{args.bundle_path}: {m.name} ({m.family}), schema {m.schema_version}, {m.precision}, dim {m.embedding_dim}")
+    dim = f", dim {m.embedding_dim}" if m.embedding_dim is not None else ""
+    print(f"{args.bundle_path}: {m.name} ({m.family}), schema {m.schema_version}, {m.precision}{dim}")
     for role, g in m.graphs.items():
         ins = ", ".join(f"{t.name}{t.shape}:{t.dtype}" for t in g.inputs)
         outs = ", ".join(f"{t.name}{t.shape}:{t.dtype}" for t in g.outputs)
@@ -222,7 +249,15 @@ def cmd_info(args: argparse.Namespace) -> int:
               f"/{cos['worst']:.4f}, zero-shot top-1 {r['teacher_top1']:.1%} -> {r['student_top1']:.1%} "
               f"(retention {r['retention']:.1%}), {speed['speedup']:.2f}x at {batch}")
         distill = distill.get("earlier")
-    print(f"  scoring: {m.scoring.kind}; files: {len(m.files)} (sha256 checked: {not args.no_verify})")
+    if m.generation:
+        g = m.generation
+        settings = ", ".join(f"{k}={v}" for k, v in g.settings.items())
+        print(f"  generation: {g.tokenizer}, start {g.start_ids}, end {g.eos_ids}, {g.max_positions} positions, "
+              f"{'takes' if g.prompt else 'no'} prompt; defaults: {settings or 'transformers defaults'}")
+        if "generation" in m.verification:
+            print(f"  {_generation_summary(m.verification['generation'])}")
+    scoring = f"scoring: {m.scoring.kind}; " if m.scoring else ""
+    print(f"  {scoring}files: {len(m.files)} (sha256 checked: {not args.no_verify})")
     print(f"  made with: {', '.join(f'{k} {v}' for k, v in m.tools.items())}; created {m.created}")
     return 0
 
@@ -237,6 +272,25 @@ def cmd_classify(args: argparse.Namespace) -> int:
         return 0
     for p, preds in zip(paths, results):
         print(f"{p}: " + ", ".join(f"{r.label} {r.score:.3f}" for r in preds))
+    return 0
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    from edgemm._caption import Captioner
+
+    model = _load(args, default="captioner")
+    if not isinstance(model, Captioner):
+        raise InputError(f"bundle '{args.bundle}' is a {model.manifest.family} bundle, not a captioner; pass "
+                         "--bundle with a captioner bundle (edgemm export captioner).")
+    paths = _image_paths(args.images)
+    captions = model.caption([str(p) for p in paths], prompt=args.prompt, max_new_tokens=args.max_new_tokens,
+                             num_beams=args.beams)
+    if args.json:
+        _print_json([{"image": str(p), "caption": c.text, "token_ids": c.token_ids, "score": c.score}
+                     for p, c in zip(paths, captions)])
+        return 0
+    for p, c in zip(paths, captions):
+        print(f"{p}: {c.text}")
     return 0
 
 
@@ -544,7 +598,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'default': the packaged EfficientNet-Lite0 + MiniLM dual encoder; "
                         "'audio-visual': the default plus SoundNet-8 (frames + sound); "
                         "'matching': the default plus its image-text matching head; "
-                        "'clip': a local Hugging Face CLIPModel or SiglipModel folder given with --from")
+                        "'clip': a local Hugging Face CLIPModel or SiglipModel folder given with --from; "
+                        "'captioner': the built-in captioner, or with --from a local VisionEncoderDecoderModel "
+                        "(ViT/DeiT + GPT-2) or BlipForConditionalGeneration folder")
     p.add_argument("--from", dest="source", help="checkpoint folder (config.json, weights, tokenizer, preprocessor config)")
     p.add_argument("--name", help="bundle name (default: the folder's name)")
     p.add_argument("-o", "--output", required=True, help="bundle directory to create")
@@ -592,6 +648,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", "--top-k", type=int, default=3)
     runtime_options(p)
     p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("caption", help="caption images (a captioner bundle; default: the built-in captioner)")
+    p.add_argument("images", nargs="+", help="image files or directories")
+    p.add_argument("--beams", type=_positive_int, default=None, help="beam search with N beams (default: the bundle's)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=None, help="tokens to generate at most")
+    p.add_argument("--prompt", default=None, help="text the caption continues, for models that take one (BLIP)")
+    runtime_options(p)
+    p.set_defaults(func=cmd_caption)
 
     p = sub.add_parser("distill", help="distil a bundle's text or image tower into a smaller, faster student (gated)")
     p.add_argument("bundle_path", help="the teacher: an fp32 dual-encoder bundle")
