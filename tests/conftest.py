@@ -113,3 +113,39 @@ def av_model(av_bundle):
     import edgemm
 
     return edgemm.load(av_bundle, threads=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_gpt2_dir(tmp_path_factory) -> Path:
+    """A user's ViT + GPT-2 VisionEncoderDecoderModel folder: real classes, GPT-2's BPE, tiny random weights."""
+    from tiny_captioners import make_tiny_vit_gpt2
+
+    return make_tiny_vit_gpt2(tmp_path_factory.mktemp("checkpoints") / "tiny-vit-gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_blip_dir(tmp_path_factory) -> Path:
+    """A user's BlipForConditionalGeneration folder: real classes, BERT's WordPiece, tiny random weights."""
+    from tiny_captioners import make_tiny_blip
+
+    return make_tiny_blip(tmp_path_factory.mktemp("checkpoints") / "tiny-blip")
+
+
+def _captioner_bundle(folder: Path, out: Path) -> Path:
+    from edgemm.export.models.captioner import build_captioner_bundle
+    from edgemm.export.models.hf_captioner import CaptionCheckpoint
+
+    build_captioner_bundle(CaptionCheckpoint(folder).parts(), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_gpt2_bundle(tiny_vit_gpt2_dir, tmp_path_factory) -> Path:
+    """The tiny vit-gpt2 exported and verified (shared; copy it before damaging it)."""
+    return _captioner_bundle(tiny_vit_gpt2_dir, tmp_path_factory.mktemp("bundles") / "tiny-vit-gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_blip_bundle(tiny_blip_dir, tmp_path_factory) -> Path:
+    """The tiny BLIP exported and verified (shared; copy it before damaging it)."""
+    return _captioner_bundle(tiny_blip_dir, tmp_path_factory.mktemp("bundles") / "tiny-blip")

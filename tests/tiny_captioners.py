@@ -64,8 +64,9 @@ def make_tiny_vit_gpt2(folder: str | Path, preset: str = "test", seed: int = 0) 
     torch.manual_seed(seed)
     encoder = ViTConfig(hidden_size=p["hidden"], num_hidden_layers=p["layers"], num_attention_heads=p["heads"],
                         intermediate_size=4 * p["hidden"], image_size=p["image_size"], patch_size=p["patch"])
+    # An untied head: a random GPT-2 whose head is its input embedding repeats its input token forever.
     decoder = GPT2Config(vocab_size=GPT2_VOCAB, n_positions=64, n_embd=p["hidden"], n_layer=p["layers"],
-                         n_head=p["heads"], add_cross_attention=True, is_decoder=True,
+                         n_head=p["heads"], add_cross_attention=True, is_decoder=True, tie_word_embeddings=False,
                          bos_token_id=GPT2_VOCAB - 1, eos_token_id=GPT2_VOCAB - 1)
     config = VisionEncoderDecoderConfig(encoder=encoder.to_dict(), decoder=decoder.to_dict())
     config.decoder_start_token_id = config.pad_token_id = config.eos_token_id = GPT2_VOCAB - 1
@@ -74,10 +75,11 @@ def make_tiny_vit_gpt2(folder: str | Path, preset: str = "test", seed: int = 0) 
     start = GPT2_VOCAB - 1
     model.generation_config = GenerationConfig(decoder_start_token_id=start, bos_token_id=start, pad_token_id=start,
                                                eos_token_id=start, max_length=16, num_beams=4)
-    end = _pick_end_token(lambda px: model.generate(px, max_new_tokens=15, num_beams=1), p["image_size"])
+    processor = ViTImageProcessor(size={"height": p["image_size"], "width": p["image_size"]})
+    end = _pick_end_token(lambda px: model.generate(px, max_new_tokens=15, num_beams=1), processor)
     model.generation_config.eos_token_id = model.config.eos_token_id = model.config.decoder.eos_token_id = end
     model.save_pretrained(str(folder))
-    ViTImageProcessor(size={"height": p["image_size"], "width": p["image_size"]}).save_pretrained(str(folder))
+    processor.save_pretrained(str(folder))
     save_gpt2_tokenizer(folder)
     return folder
 
@@ -101,10 +103,11 @@ def make_tiny_blip(folder: str | Path, preset: str = "test", seed: int = 0) -> P
     )
     model = BlipForConditionalGeneration(config).eval()
     _sharpen(model)
-    end = _pick_end_token(lambda px: model.generate(px, max_new_tokens=15), p["image_size"])
+    processor = BlipImageProcessor(size={"height": p["image_size"], "width": p["image_size"]})
+    end = _pick_end_token(lambda px: model.generate(px, max_new_tokens=15), processor)
     model.config.text_config.sep_token_id = model.text_decoder.config.sep_token_id = end
     model.save_pretrained(str(folder))
-    BlipImageProcessor(size={"height": p["image_size"], "width": p["image_size"]}).save_pretrained(str(folder))
+    processor.save_pretrained(str(folder))
     save_blip_tokenizer(folder)
     return folder
 
@@ -128,26 +131,27 @@ def _sharpen(model) -> None:
                 param.mul_(8.0)
 
 
-def _pick_end_token(generate, image_size: int) -> int:
-    """A token the random model generates at varied depths, to serve as its end token.
+def _pick_end_token(generate, processor) -> int:
+    """A token the random model generates first at varied depths on the sample photos, to serve as its end token.
 
     A random model would otherwise never produce its real end token, and the
     tests would never see captions of different lengths in one batch, or beams
     that finish early.
     """
-    import numpy as np
     import torch
-    from PIL import Image
 
+    from edgemm.export.models.clip import image_preprocess_from_processor
     from edgemm.runtime.datasets import sample_photos
+    from edgemm.runtime.image import ImagePreprocessor
 
-    photos = [np.asarray(Image.fromarray(p.image).resize((image_size, image_size))) for p in sample_photos()]
-    pixels = torch.from_numpy(np.stack(photos).transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0)
-    rows = generate(pixels).tolist()
+    config = processor.to_dict()
+    spec = image_preprocess_from_processor(config, int(config["size"]["height"]))
+    pixels = ImagePreprocessor(spec)([p.image for p in sample_photos()], color="rgb")  # as the tests feed them
+    rows = generate(torch.from_numpy(pixels)).tolist()
     first: dict[int, list[int]] = {}
     for row in rows:
         for position, token in enumerate(row):
-            if 2 <= position <= 10 and row.index(token) == position:
+            if 2 <= position <= 12 and row.index(token) == position:
                 first.setdefault(token, []).append(position)
     return max(first, key=lambda t: (len(first[t]), len(set(first[t])), -t))
 
