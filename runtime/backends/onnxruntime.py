@@ -100,6 +100,46 @@ class OnnxRuntimeBackend(Backend):
         self.outputs = [_spec(a) for a in self.session.get_outputs()]
         self._output_names = [o.name for o in self.outputs]
 
+    @property
+    def device(self) -> str:
+        """Where the session's first provider computes: ``"cuda"`` (CUDA, TensorRT) or ``"cpu"``."""
+        return "cuda" if self.providers and self.providers[0] in ("CUDAExecutionProvider",
+                                                                  "TensorrtExecutionProvider") else "cpu"
+
+    def to_device(self, array: np.ndarray, device: str | None = None):
+        """A numpy array as an ONNX Runtime ``OrtValue`` on ``device`` (default: the session's)."""
+        import onnxruntime as ort
+
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), device or self.device, 0)
+
+    def run_bound(self, feeds: dict[str, object], keep: set[str], device: str | None = None) -> dict[str, object]:
+        """Run with I/O binding, for state that should stay on the device between calls (a decoder's cache).
+
+        Args:
+            feeds: Input name → numpy array (copied in) or ``OrtValue`` (used where it is, no copy).
+            keep: Outputs returned as ``OrtValue``s left on the device; the others come back as numpy.
+            device: Where outputs are allocated (default: the session's device).
+
+        Raises:
+            BackendError: The run failed.
+        """
+        import onnxruntime as ort
+
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            if isinstance(value, ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name in self._output_names:
+            binding.bind_output(name, device or self.device if name in keep else "cpu")
+        try:
+            self.session.run_with_iobinding(binding)
+        except Exception as e:  # onnxruntime's own untyped errors
+            raise BackendError(f"onnxruntime: '{self.path.name}' failed to run: {e}") from e
+        values = binding.get_outputs()
+        return {name: (v if name in keep else v.numpy()) for name, v in zip(self._output_names, values)}
+
     def _infer(self, feeds: dict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
         try:
             values = self.session.run(self._output_names, feeds)
