@@ -31,7 +31,7 @@ from edgemm.runtime.text import load_tokenizer
 class Caption:
     """One image's caption."""
 
-    text: str  # the decoded caption (special tokens dropped); with a prompt, it starts with the prompt
+    text: str  # the decoded caption (special tokens and outer spaces dropped); with a prompt, it starts with it
     token_ids: list[int]  # what transformers' generate() returns: start ids, prompt ids, generated ids (end included)
     score: float  # length-normalised log-probability (transformers' sequences_scores for beam search)
 
@@ -113,7 +113,7 @@ class Captioner:
         return list(self.tokenizer.encode(prompt, add_special_tokens=False).ids)
 
     def _caption(self, h: Hypothesis) -> Caption:
-        return Caption(self.tokenizer.decode(h.tokens, skip_special_tokens=True), h.tokens, h.score)
+        return Caption(self.tokenizer.decode(h.tokens, skip_special_tokens=True).strip(), h.tokens, h.score)
 
     # -- captioning -----------------------------------------------------------------------
 
@@ -177,14 +177,14 @@ class Captioner:
         shown = 0
         for _rows, step in self.graphs.stream(pixels, s, prompt_ids):
             tokens.append(int(step[0]))
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
             if text.endswith("\ufffd"):  # a character split across byte-level tokens: wait for the rest
                 continue
             cut = text.rfind(" ") + 1
             if cut > shown:
                 yield text[shown:cut]
                 shown = cut
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
         if len(text) > shown:
             yield text[shown:]
 

@@ -290,6 +290,7 @@ DEFAULT_MODELS = {
     "default": ("edgemm.export.models.dual_encoder", "build_default_bundle"),
     "audio-visual": ("edgemm.export.models.audio_visual", "build_audio_visual_bundle"),
     "matching": ("edgemm.export.models.matching", "build_matching_bundle"),
+    "captioner": ("edgemm.export.models.captioner", "build_default_captioner_bundle"),
 }
 
 
@@ -320,7 +321,7 @@ def _build_default(name: str) -> Path:
 
 def load(path: str | os.PathLike | None = None, *, default: str = "default", backend: str = "onnxruntime",
          providers: Sequence[str] = ("cpu",), threads: int | None = None, check_hashes: bool = True,
-         spinning: bool | None = None) -> DualEncoder:
+         spinning: bool | None = None) -> Any:
     """Load a bundle; with no path, a built-in model (built on first use).
 
     Args:
@@ -328,8 +329,8 @@ def load(path: str | os.PathLike | None = None, *, default: str = "default", bac
             ``$EDGEMM_HOME`` (``~/.cache/edgemm``), built from packaged weights the
             first time if the ``export`` extra is installed.
         default: Which built-in model when ``path`` is ``None``: ``"default"`` (the
-            dual encoder), ``"audio-visual"`` or ``"matching"`` (the dual encoder
-            plus an image-text matching head).
+            dual encoder), ``"audio-visual"``, ``"matching"`` (the dual encoder
+            plus an image-text matching head) or ``"captioner"``.
         backend: Backend name (``"onnxruntime"``).
         providers: Execution providers, e.g. ``("cpu",)``, ``("cuda",)``; an unavailable one is an error.
         threads: Intra-op threads per graph; ``None`` uses every core.
@@ -339,7 +340,8 @@ def load(path: str | os.PathLike | None = None, *, default: str = "default", bac
             a 2-core CPU; ``benchmarks/bench_spinning.py`` measures a device).
 
     Returns:
-        The model: a :class:`DualEncoder`, or the family's subclass (e.g. :class:`AudioVisual`).
+        The model: a :class:`DualEncoder`, the family's subclass (e.g. :class:`AudioVisual`), or a
+        :class:`~edgemm.Captioner` for a captioner bundle.
 
     Raises:
         BundleError: Missing, altered or unsupported bundle.

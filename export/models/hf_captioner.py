@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgemm.export.models.captioner import BlipTextStep, CaptionerParts, Gpt2Step, StepDecoder
+from edgemm.export.models.captioner import BlipTextStep, CaptionerParts, Gpt2Step, StepDecoder, _cut
 from edgemm.export.models.clip import image_preprocess_from_processor
 from edgemm.runtime.errors import ExportError
 
@@ -245,7 +245,7 @@ class CaptionCheckpoint:
         else:
             out = self.model.generate(pixel_values=px, **kwargs)
         start = len(self.prompt_ids(prompt)) if prompt else len(self.start_ids)
-        return [_cut(row.tolist(), start, self.eos_ids) for row in out]
+        return [_cut(row, start, self.eos_ids) for row in out.tolist()]
 
     @torch.no_grad()
     def logits(self, pixels: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -268,10 +268,3 @@ class CaptionCheckpoint:
             reference_decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
             reference_pixels=self.pixels,
         )
-
-
-def _cut(tokens: list[int], start: int, eos: Sequence[int]) -> list[int]:
-    for i in range(start, len(tokens)):
-        if tokens[i] in eos:
-            return tokens[: i + 1]
-    return tokens
