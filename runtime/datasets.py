@@ -56,6 +56,20 @@ _PHOTOS = (
 )
 
 
+EMOJI_SPLIT = (0.7, 0.1)  # train and validation fractions of the emoji; the rest is the held-out test split
+
+
+def split_rows(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Row indices of the train / val / test splits (sorted), by a seeded permutation.
+
+    The emoji's split: the matching head and the caption adapter train on
+    ``train``, choose on ``val``, and are measured on ``test``.
+    """
+    order = np.random.default_rng(seed).permutation(n)
+    a, b = int(EMOJI_SPLIT[0] * n), int((EMOJI_SPLIT[0] + EMOJI_SPLIT[1]) * n)
+    return {"train": np.sort(order[:a]), "val": np.sort(order[a:b]), "test": np.sort(order[b:])}
+
+
 def _rgb(a: np.ndarray) -> np.ndarray:
     a = np.asarray(a)
     if a.ndim == 2:

@@ -564,9 +564,38 @@ def cmd_index_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_captioner(args: argparse.Namespace) -> int:
+    from edgemm._caption import Captioner
+    from edgemm._caption_eval import eval_captioner
+    from edgemm._model import load
+
+    model = _load(args, default="captioner")
+    if not isinstance(model, Captioner):
+        raise InputError(f"--captioner evaluates a captioner bundle; '{args.bundle}' is a {model.manifest.family} "
+                         "bundle.")
+    text = None if args.no_retrieval else load(providers=tuple(args.providers.split(",")), threads=args.threads)
+    report = eval_captioner(model, fashion_limit=args.limit or 1000, text_model=text, progress=not args.quiet,
+                            num_beams=args.beams)
+    if args.json:
+        _print_json({"bundle": str(model.bundle.path), **report})
+        return 0
+    print("source          images  BLEU-1  BLEU-2  CIDEr-D  exact  caption->label")
+    for name, row in report["scores"].items():
+        if name == "macro":
+            continue
+        label = f"{row['label_accuracy']:.1%}" if "label_accuracy" in row else "-"
+        print(f"{name:<15} {row['n']:>6}  {row['bleu1']:.3f}   {row['bleu2']:.3f}   {row['cider_d']:.3f}    "
+              f"{row['exact_match']:.1%}  {label}")
+    for r in report["photos"]:
+        print(f"  {r['photo']:<28} {r['subject']:<14} -> {r['caption']}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from edgemm._eval import eval_fashion_mnist, eval_sample_photos
 
+    if args.captioner:
+        return cmd_eval_captioner(args)
     model = _load(args)
     photos = eval_sample_photos(model)
     fmnist = eval_fashion_mnist(model, limit=args.limit, progress=not args.quiet)
@@ -765,8 +794,15 @@ def build_parser() -> argparse.ArgumentParser:
     runtime_options(q)
     q.set_defaults(func=cmd_index_search)
 
-    p = sub.add_parser("eval", help="zero-shot accuracy on Fashion-MNIST and the sample photos")
+    p = sub.add_parser("eval", help="zero-shot accuracy on Fashion-MNIST and the sample photos (--captioner: "
+                                    "caption quality on held-out emoji, Fashion-MNIST and the photos)")
     p.add_argument("--limit", type=int, default=None, help="only the first N Fashion-MNIST test images")
+    p.add_argument("--captioner", action="store_true",
+                   help="evaluate a captioner bundle (default: the built-in captioner): BLEU-1/2, CIDEr-D, exact "
+                        "match and caption->label retrieval")
+    p.add_argument("--beams", type=_positive_int, default=None, help="--captioner: beams (default: the bundle's)")
+    p.add_argument("--no-retrieval", action="store_true",
+                   help="--captioner: skip caption->label retrieval (it embeds with the default dual encoder)")
     runtime_options(p)
     p.set_defaults(func=cmd_eval)
     return parser

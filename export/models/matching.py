@@ -37,11 +37,11 @@ import torch
 from edgemm.export.fusion_train import Example, TrainOptions, cache_features, predict_logits, train_head
 from edgemm.export.models.fusion import FusionConfig, FusionHead, build_head, tower_features
 from edgemm.export.models.fusion_bundle import build_fusion_bundle
+from edgemm.runtime.datasets import split_rows
 from edgemm.runtime.errors import ExportError
 from edgemm.runtime.manifest import Manifest
 
 SEED = 0
-SPLIT = (0.7, 0.1)  # train and validation fractions of the emoji; the rest is the test split
 PROMPT = "an emoji of {}"  # the caption template (the better of "{}" and this one by validation recall@1)
 NEGATIVES = (1, 8)  # hard-permutation and random wrong names per training image (picked on validation)
 RERANK_K = 50  # the shortlist the recorded rerank figures use
@@ -55,13 +55,6 @@ Scorer = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (image rows, text row
 
 
 # --------------------------------------------------------------------------- splits and mining
-
-
-def split_rows(n: int, seed: int = SEED) -> dict[str, np.ndarray]:
-    """Row indices of the train / val / test splits (sorted), by a seeded permutation."""
-    order = np.random.default_rng(seed).permutation(n)
-    a, b = int(SPLIT[0] * n), int((SPLIT[0] + SPLIT[1]) * n)
-    return {"train": np.sort(order[:a]), "val": np.sort(order[a:b]), "test": np.sort(order[b:])}
 
 
 def negative_permutations(rows: np.ndarray, sim: np.ndarray, hard: int, random: int,
