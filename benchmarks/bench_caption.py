@@ -56,7 +56,7 @@ def _status_mib(field: str) -> float | None:
 def _reference(kind: str, folder: str | None):
     """(CaptionerParts with the transformers reference, a builder of the bundle)."""
     if kind == "default":
-        from edgemm.export.models.default_captioner import default_captioner_parts
+        from edgemm.export.models.captioner import default_captioner_parts
 
         return default_captioner_parts()
     from edgemm.export.models.hf_captioner import CaptionCheckpoint

@@ -91,6 +91,18 @@ def _positions(input_ids: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
 Pairs = list[tuple[torch.Tensor, torch.Tensor]]
 
 
+def _lm_head(h: torch.Tensor, head: nn.Linear) -> torch.Tensor:
+    """``head(h)`` for 2-D ``h``, traced as one Gemm that reads the weight as stored (transB = 1).
+
+    A bias-free Linear is traced as MatMul against the transposed weight, which
+    the exporter folds into a second copy of it; when the head is tied to the
+    token embedding (GPT-2, Whisper) that copy is the largest tensor of the
+    graph (80 MB for Whisper tiny's vocabulary). A zero bias makes it a Gemm.
+    """
+    bias = head.bias if head.bias is not None else torch.zeros(head.out_features, dtype=h.dtype, device=h.device)
+    return torch.nn.functional.linear(h, head.weight, bias)
+
+
 class StepDecoder(nn.Module):
     """One decoder step over plain tensors: the common surface of every supported decoder.
 
@@ -148,7 +160,7 @@ class Gpt2Step(StepDecoder):
             q = _split_heads(block.crossattention.q_attn(block.ln_cross_attn(h)), self.heads)
             h = h + block.crossattention.c_proj(_merge_heads(_attend(q, *cross[i], self.scales[i], False)))
             h = h + block.mlp(block.ln_2(h))
-        return self.lm_head(self.t.ln_f(h[:, -1])), presents
+        return _lm_head(self.t.ln_f(h[:, -1]), self.lm_head), presents
 
 
 class BlipTextStep(StepDecoder):
@@ -216,7 +228,7 @@ class WhisperStep(StepDecoder):
             q = _split_heads(layer.encoder_attn.q_proj(layer.encoder_attn_layer_norm(h)), self.heads)
             h = h + layer.encoder_attn.out_proj(_merge_heads(_attend(q, *cross[i], self.scale, False)))
             h = h + layer.fc2(layer.activation_fn(layer.fc1(layer.final_layer_norm(h))))
-        return self.proj_out(self.d.layer_norm(h[:, -1])), presents
+        return _lm_head(self.d.layer_norm(h[:, -1]), self.proj_out), presents
 
 
 # -- the two graphs ------------------------------------------------------------------------

@@ -60,11 +60,14 @@ def test_vit_gpt2_bundle_is_verified(tiny_vit_gpt2_bundle, tiny_vit_gpt2_dir):
 
 def test_graphs_have_no_merged_decoder_and_an_empty_first_past(tiny_blip_bundle):
     import onnx
+    import onnx.numpy_helper
 
     for role in ("caption_encoder", "caption_decoder"):
         graph = onnx.load(str(tiny_blip_bundle / f"{role}.onnx")).graph
         assert not [n for n in graph.node if n.op_type in ("If", "Loop")]
     dec = onnx.load(str(tiny_blip_bundle / "caption_decoder.onnx")).graph
+    large = [onnx.numpy_helper.to_array(t) for t in dec.initializer if np.prod(t.dims) >= 30000 * 8]
+    assert len(large) == 1  # the tied token embedding / LM head is stored once (the head reads it transposed)
     past = next(i for i in dec.input if i.name == "past_key_0")
     assert past.type.tensor_type.shape.dim[2].dim_param == "past"  # a dynamic past axis, 0 on the first step
 
