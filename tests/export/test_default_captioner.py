@@ -72,7 +72,6 @@ def test_sample_photos_get_sensible_captions(captioner):
     assert any(w in coffee for w in ("coffee", "espresso", "cup")), coffee
 
 
-@pytest.mark.slow
 def test_image_encoder_exports_to_onnx_with_a_dynamic_batch(captioner, tmp_path):
     import onnxruntime as ort
 
