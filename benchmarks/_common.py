@@ -26,6 +26,21 @@ FRAME_SIZE = (1920, 1080)  # (width, height) of a 1080p camera frame
 CLASSIFY_LABELS = ("cat", "dog", "person", "car", "forklift", "cup of coffee", "rocket", "flower", "building", "clock")
 
 
+def status_mib(field: str) -> float | None:
+    """A memory field of /proc/self/status (e.g. VmHWM, VmRSS) in MiB; None off Linux.
+
+    (bench_memory.py keeps its own copy: its children must not import numpy before they are measured.)
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo (``platform.processor()`` is often empty on Linux)."""
     try:

@@ -39,18 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from _common import device_info, interleaved_rounds, limit_native_threads, percentiles, publish, stage, target_line
-
-
-def _status_mib(field: str) -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
+from _common import (device_info, interleaved_rounds, limit_native_threads, percentiles, publish, stage, status_mib,
+                     target_line)
 
 
 def _reference(kind: str, folder: str | None):
@@ -95,7 +85,7 @@ def child(kind: str, side: str, folder: str | None, bundle: str, threads: int, n
 
         pixels = ImagePreprocessor(parts.image)([photo], color="rgb")
         parts.reference(pixels, {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "num_beams": 1}, None)
-    print(json.dumps({"peak_mib": _status_mib("VmHWM")}))
+    print(json.dumps({"peak_mib": status_mib("VmHWM")}))
 
 
 def _peak(kind: str, side: str, args: argparse.Namespace, bundle: Path) -> float | None:

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from edgemm._model import FAMILIES, _check_positive_int, _is_batch
-from edgemm.runtime.backends import Backend, open_backend
+from edgemm._model import FAMILIES, _check_positive_int, _is_batch, open_graph
+from edgemm.runtime.backends import Backend
 from edgemm.runtime.bundle import Bundle
 from edgemm.runtime.errors import BundleError, InputError
 from edgemm.runtime.generation import GenerationGraphs, GenerationSettings, Hypothesis
@@ -80,12 +80,7 @@ class Captioner:
                               f"scores only {vocab} tokens. Re-export the bundle.")
 
     def _open(self, role: str, backend: str) -> Backend:
-        opened = open_backend(self.bundle.graph_path(role), backend, **self._backend_options)
-        try:
-            self.manifest.check_graph(role, opened.inputs, opened.outputs)
-        except BundleError as e:
-            raise BundleError(f"bundle '{self.bundle.path}': {e}. Re-export the bundle.") from None
-        return opened
+        return open_graph(self.bundle, role, backend, self._backend_options)
 
     def __repr__(self) -> str:
         return f"Captioner({str(self.bundle.path)!r}, precision={self.manifest.precision!r})"

@@ -56,6 +56,20 @@ def _check_positive_int(value: Any, name: str) -> int:
     return int(value)
 
 
+def open_graph(bundle: Bundle, role: str, backend: str, options: dict[str, Any]) -> Backend:
+    """Open one of the bundle's graphs with a model's providers, threads and spinning, checked against the manifest.
+
+    Raises:
+        BundleError: The graph does not match what the manifest declares.
+    """
+    opened = open_backend(bundle.graph_path(role), backend, **options)
+    try:
+        bundle.manifest.check_graph(role, opened.inputs, opened.outputs)
+    except BundleError as e:
+        raise BundleError(f"bundle '{bundle.path}': {e}. Re-export the bundle.") from None
+    return opened
+
+
 def _is_batch(images: Any) -> bool:
     return isinstance(images, (list, tuple)) or (isinstance(images, np.ndarray) and images.ndim == 4)
 
@@ -101,14 +115,7 @@ class DualEncoder:
         self._label_lock = threading.Lock()
 
     def _open(self, bundle: Bundle, role: str, backend: str) -> Backend:
-        """Open one of the bundle's graphs with this model's providers, threads and spinning, checked against
-        the manifest."""
-        opened = open_backend(bundle.graph_path(role), backend, **self._backend_options)
-        try:
-            self.manifest.check_graph(role, opened.inputs, opened.outputs)
-        except BundleError as e:
-            raise BundleError(f"bundle '{bundle.path}': {e}. Re-export the bundle.") from None
-        return opened
+        return open_graph(bundle, role, backend, self._backend_options)
 
     def _check_max_length(self) -> None:
         """Run the text graph once on a text of ``text.max_length`` tokens: its positions must reach that far."""

@@ -90,11 +90,11 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def checkpoint_type(folder: str | Path) -> str:
-    """The model type of a local checkpoint folder ("clip" or "siglip").
+def read_folder_config(folder: str | Path) -> dict[str, Any]:
+    """A local Hugging Face checkpoint folder's ``config.json``.
 
     Raises:
-        ExportError: Not a Hugging Face checkpoint folder, or an architecture edgemm cannot export.
+        ExportError: Not a directory, no config.json, or one that is not a JSON object.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -105,12 +105,34 @@ def checkpoint_type(folder: str | Path) -> str:
         raise ExportError(f"'{folder}' has no config.json, so it is not a Hugging Face checkpoint folder. "
                           "Save your model with model.save_pretrained(folder) (and its processor with "
                           "processor.save_pretrained(folder)).")
-    model_type = _read_json(config, "model config").get("model_type")
+    return _read_json(config, "model config")
+
+
+def check_weights(folder: Path) -> None:
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        raise ExportError(f"'{folder}' has a config.json but no weights (*.safetensors or *.bin).")
+
+
+def read_processor_config(folder: Path) -> dict[str, Any]:
+    path = folder / "preprocessor_config.json"
+    if not path.is_file():
+        raise ExportError(f"'{folder}' has no preprocessor_config.json; save the model's image processor "
+                          "into it with processor.save_pretrained(folder).")
+    return _read_json(path, "image processor config")
+
+
+def checkpoint_type(folder: str | Path) -> str:
+    """The model type of a local checkpoint folder ("clip" or "siglip").
+
+    Raises:
+        ExportError: Not a Hugging Face checkpoint folder, or an architecture edgemm cannot export.
+    """
+    folder = Path(folder)
+    model_type = read_folder_config(folder).get("model_type")
     if model_type not in ARCHITECTURES:
         raise ExportError(f"'{folder}' holds a {model_type!r} checkpoint; edgemm exports dual encoders of types "
                           f"{sorted(ARCHITECTURES)} (CLIPModel, SiglipModel).")
-    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
-        raise ExportError(f"'{folder}' has a config.json but no weights (*.safetensors or *.bin).")
+    check_weights(folder)
     return model_type
 
 
@@ -248,11 +270,7 @@ class Checkpoint:
         return _convert_siglip_tokenizer(self.tokenizer)
 
     def _processor_config(self) -> dict[str, Any]:
-        path = self.folder / "preprocessor_config.json"
-        if not path.is_file():
-            raise ExportError(f"'{self.folder}' has no preprocessor_config.json; save the model's image processor "
-                              "into it with processor.save_pretrained(folder).")
-        return _read_json(path, "image processor config")
+        return read_processor_config(self.folder)
 
     def pixels(self, images_rgb: Sequence[np.ndarray]) -> np.ndarray:
         """The folder's own Hugging Face image processor: the reference preprocessing."""

@@ -10,7 +10,6 @@ the preprocessing and tokenizer the runtime reproduces, the generation settings
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,8 @@ import torch
 from torch import nn
 
 from edgemm.export.models.captioner import BlipTextStep, CaptionerParts, Gpt2Step, StepDecoder, _cut
-from edgemm.export.models.clip import image_preprocess_from_processor
+from edgemm.export.models.clip import (check_weights, image_preprocess_from_processor, read_folder_config,
+                                      read_processor_config)
 from edgemm.runtime.errors import ExportError
 
 ENCODERS = ("vit", "deit")  # VisionEncoderDecoderModel encoders edgemm exports
@@ -46,24 +46,6 @@ NEUTRAL = {"num_return_sequences": 1, "remove_invalid_values": False, "renormali
            "encoder_no_repeat_ngram_size": 0, "token_healing": False, "use_mtp": False}
 
 
-def _read_config(folder: Path) -> dict[str, Any]:
-    if not folder.is_dir():
-        raise ExportError(f"'{folder}' is not a directory; pass a local Hugging Face checkpoint folder "
-                          "(the one save_pretrained() writes, with config.json).")
-    path = folder / "config.json"
-    if not path.is_file():
-        raise ExportError(f"'{folder}' has no config.json, so it is not a Hugging Face checkpoint folder. Save "
-                          "your model with model.save_pretrained(folder) and its processor with "
-                          "processor.save_pretrained(folder).")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ExportError(f"{path}: cannot be read as JSON ({e}).") from e
-    if not isinstance(config, dict):
-        raise ExportError(f"{path}: is not a JSON object.")
-    return config
-
-
 def captioner_kind(folder: str | Path) -> str:
     """``"vision-encoder-decoder"`` or ``"blip"`` for a folder edgemm can export as a captioner.
 
@@ -71,7 +53,7 @@ def captioner_kind(folder: str | Path) -> str:
         ExportError: Not a checkpoint folder, or a model edgemm does not export (naming what it does export).
     """
     folder = Path(folder)
-    config = _read_config(folder)
+    config = read_folder_config(folder)
     model_type = config.get("model_type")
     supported = "edgemm exports captioners of these kinds: " + "; ".join(SUPPORTED) + "."
     if model_type == "vision-encoder-decoder":
@@ -87,8 +69,7 @@ def captioner_kind(folder: str | Path) -> str:
                               "not exported yet.)")
     else:
         raise ExportError(f"'{folder}' holds a {model_type!r} model ({config.get('architectures')}); {supported}")
-    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
-        raise ExportError(f"'{folder}' has a config.json but no weights (*.safetensors or *.bin).")
+    check_weights(folder)
     return model_type
 
 
@@ -190,7 +171,7 @@ class CaptionCheckpoint:
         self.pad_id = int(pad) if pad is not None else self.eos_ids[0]
         self.settings = generation_settings(self.generation_config, len(self.start_ids))
         self.tokenizer = self._load_tokenizer()
-        self.image_spec = image_preprocess_from_processor(self._processor_config(), self.image_size)
+        self.image_spec = image_preprocess_from_processor(read_processor_config(self.folder), self.image_size)
         self._processor = None
 
     def _load_tokenizer(self):
@@ -205,16 +186,6 @@ class CaptionCheckpoint:
             raise ExportError(f"'{self.folder}': the tokenizer ({type(tok).__name__}) has no fast `tokenizers` "
                               "form, which the runtime reads. Save a fast tokenizer (tokenizer.json) into the folder.")
         return tok
-
-    def _processor_config(self) -> dict[str, Any]:
-        path = self.folder / "preprocessor_config.json"
-        if not path.is_file():
-            raise ExportError(f"'{self.folder}' has no preprocessor_config.json; save the model's image processor "
-                              "into it with processor.save_pretrained(folder).")
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ExportError(f"{path}: cannot be read as JSON ({e}).") from e
 
     def pixels(self, images_rgb: Sequence[np.ndarray]) -> np.ndarray:
         """The folder's own Hugging Face image processor: the reference preprocessing."""
