@@ -21,10 +21,19 @@ def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, ensure_ascii=False))
 
 
-def _load(args: argparse.Namespace, default: str = "default"):
+def _load(args: argparse.Namespace, default: str = "default", *, captioner: bool = False):
+    """The bundle (or built-in model) a command runs on; a captioner for ``caption``, an embedding model otherwise."""
+    from edgemm._caption import Captioner
     from edgemm._model import load
 
-    return load(args.bundle, default=default, providers=tuple(args.providers.split(",")), threads=args.threads)
+    model = load(args.bundle, default=default, providers=tuple(args.providers.split(",")), threads=args.threads)
+    if isinstance(model, Captioner) != captioner:
+        family = model.manifest.family
+        raise InputError(f"bundle '{args.bundle}' is a {family} bundle; 'edgemm {args.command}' needs "
+                         + ("a captioner bundle (edgemm export captioner)." if captioner else
+                            "an embedding bundle (a dual encoder, fusion or audio-visual model). For captions use "
+                            "'edgemm caption' or 'edgemm eval --captioner'."))
+    return model
 
 
 def _image_paths(items: list[str]) -> list[Path]:
@@ -276,12 +285,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
-    from edgemm._caption import Captioner
-
-    model = _load(args, default="captioner")
-    if not isinstance(model, Captioner):
-        raise InputError(f"bundle '{args.bundle}' is a {model.manifest.family} bundle, not a captioner; pass "
-                         "--bundle with a captioner bundle (edgemm export captioner).")
+    model = _load(args, default="captioner", captioner=True)
     paths = _image_paths(args.images)
     captions = model.caption([str(p) for p in paths], prompt=args.prompt, max_new_tokens=args.max_new_tokens,
                              num_beams=args.beams)
@@ -565,14 +569,10 @@ def cmd_index_search(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_captioner(args: argparse.Namespace) -> int:
-    from edgemm._caption import Captioner
     from edgemm._caption_eval import eval_captioner
     from edgemm._model import load
 
-    model = _load(args, default="captioner")
-    if not isinstance(model, Captioner):
-        raise InputError(f"--captioner evaluates a captioner bundle; '{args.bundle}' is a {model.manifest.family} "
-                         "bundle.")
+    model = _load(args, default="captioner", captioner=True)
     text = None if args.no_retrieval else load(providers=tuple(args.providers.split(",")), threads=args.threads)
     report = eval_captioner(model, fashion_limit=args.limit or 1000, text_model=text, progress=not args.quiet,
                             num_beams=args.beams)

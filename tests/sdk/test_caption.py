@@ -153,3 +153,13 @@ def test_cli_caption_and_info(tiny_blip_bundle, photos, tmp_path):
     assert "takes prompt" in info.stdout
     bad = run_cli("caption", str(tmp_path / "p0.png"), "--bundle", str(tiny_blip_bundle), "--prompt", "", check=False)
     assert bad.returncode == 2 and "prompt is empty" in bad.stderr
+
+
+def test_commands_refuse_the_wrong_kind_of_bundle(tiny_blip_bundle, default_bundle, photos, tmp_path):
+    from PIL import Image
+
+    Image.fromarray(photos[0]).save(tmp_path / "p.png")
+    wrong = run_cli("classify", str(tmp_path / "p.png"), "--bundle", str(tiny_blip_bundle), check=False)
+    assert wrong.returncode == 2 and "is a captioner bundle" in wrong.stderr and "edgemm caption" in wrong.stderr
+    wrong = run_cli("caption", str(tmp_path / "p.png"), "--bundle", str(default_bundle), check=False)
+    assert wrong.returncode == 2 and "needs a captioner bundle" in wrong.stderr
