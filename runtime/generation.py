@@ -528,30 +528,42 @@ class GenerationGraphs:
         spec: The manifest's ``generation`` entry (a :class:`~edgemm.runtime.manifest.Generation`).
     """
 
-    def __init__(self, encoder: Backend, decoder: Backend, spec: Any):
-        self.encoder, self.decoder_backend, self.spec = encoder, decoder, spec
+    def __init__(self, encoder: Backend, decoder: Backend, spec: Any, question: Backend | None = None):
+        self.encoder, self.decoder_backend, self.spec, self.question = encoder, decoder, spec, question
         self.graph = DecoderGraph(spec.input_ids, spec.logits, dict(spec.cache), tuple(spec.memory))
         self.pixels_input = encoder.inputs[0].name
+        if (question is None) != (spec.question_graph is None):
+            raise BundleError("the manifest's generation.question_graph and the graphs given disagree.")
 
-    def memory(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
-        """Run the image graph: the decoder's memory for each image."""
+    def memory(self, pixels: np.ndarray, question: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """Run the image graph (and, for question answering, the question graph): the decoder's memory per image.
+
+        Args:
+            pixels: Preprocessed images.
+            question: VQA: the question's ``input_ids`` and ``attention_mask``, one row per image.
+        """
         out = self.encoder.infer({self.pixels_input: pixels})
+        if self.question is not None:
+            if question is None:
+                raise InputError("this model answers questions: pass a question.")
+            names = {t.name for t in self.question.inputs}
+            out = self.question.infer({**{k: v for k, v in out.items() if k in names}, **question})
         return {name: out[name] for name in self.graph.memory}
 
     def prompt(self, rows: int, prompt_ids: Sequence[int] = ()) -> np.ndarray:
         """The decoder prompt of ``rows`` sequences: the start ids, then ``prompt_ids``."""
         return np.tile(np.asarray([*self.spec.start_ids, *prompt_ids], np.int64), (rows, 1))
 
-    def generate(self, pixels: np.ndarray, settings: GenerationSettings,
-                 prompt_ids: Sequence[int] = ()) -> list[Hypothesis]:
-        """Caption a batch of preprocessed images: one hypothesis each."""
-        decoder = open_decoder(self.decoder_backend, self.graph, self.memory(pixels))
+    def generate(self, pixels: np.ndarray, settings: GenerationSettings, prompt_ids: Sequence[int] = (),
+                 question: Mapping[str, np.ndarray] | None = None) -> list[Hypothesis]:
+        """Caption (or answer about) a batch of preprocessed images: one hypothesis each."""
+        decoder = open_decoder(self.decoder_backend, self.graph, self.memory(pixels, question))
         return generate(decoder, self.prompt(len(pixels), prompt_ids), settings, self.spec.eos_ids,
                         self.spec.pad_id, self.spec.max_positions)
 
-    def stream(self, pixels: np.ndarray, settings: GenerationSettings,
-               prompt_ids: Sequence[int] = ()) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def stream(self, pixels: np.ndarray, settings: GenerationSettings, prompt_ids: Sequence[int] = (),
+               question: Mapping[str, np.ndarray] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Greedy decoding (or sampling) step by step; see :func:`stream_greedy`."""
-        decoder = open_decoder(self.decoder_backend, self.graph, self.memory(pixels))
+        decoder = open_decoder(self.decoder_backend, self.graph, self.memory(pixels, question))
         return stream_greedy(decoder, self.prompt(len(pixels), prompt_ids), settings, self.spec.eos_ids,
                              self.spec.max_positions)

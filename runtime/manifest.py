@@ -31,6 +31,7 @@ SCORING_KINDS = ("cosine", "sigmoid", "class_space")
 FUSION_TASKS = ("matching", "classification")
 VIDEO_POOLINGS = ("mean", "attention")
 CAPTION_ENCODER, CAPTION_DECODER = "caption_encoder", "caption_decoder"  # a captioner's image and decoder-step graphs
+QUESTION_ENCODER = "question_encoder"  # visual question answering: image states + question → the decoder's memory
 GENERATIVE_FAMILIES = ("captioner",)  # families that generate text rather than embed: no scoring, no embedding_dim
 TOKENS = "tokens"  # pseudo graph role of the tokenizer's own arrays (fusion inputs may read its attention mask)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -274,9 +275,13 @@ class Generation:
     logits: str = "logits"  # decoder output: next-token logits of the last position (batch, vocab)
     prompt: bool = False  # whether the model takes a text prompt after start_ids (BLIP's conditional captioning)
     settings: dict[str, Any] = field(default_factory=dict)  # default decoding settings (max_new_tokens, num_beams, …)
+    question_graph: str | None = None  # VQA: the graph that reads the image graph's outputs and the question's
+    #                                    input_ids / attention_mask and outputs the memory (None: captioning)
 
     def __post_init__(self):
         check_relative_path("tokenizer", self.tokenizer)
+        if self.question_graph is not None:
+            _choice("question_graph", self.question_graph, (QUESTION_ENCODER,))
         for name in ("start_ids", "eos_ids"):
             ids = getattr(self, name)
             if not isinstance(ids, list) or not 0 < len(ids) <= 64:
@@ -349,7 +354,9 @@ class Manifest:
                 raise ManifestFieldError("generation", f"is required by a {self.family} bundle")
             if self.embedding_dim is not None:
                 _int("embedding_dim", self.embedding_dim, 1, 1 << 16)
-            for role in (CAPTION_ENCODER, CAPTION_DECODER):
+            roles = (CAPTION_ENCODER, CAPTION_DECODER) + ((self.generation.question_graph,)
+                                                          if self.generation.question_graph else ())
+            for role in roles:
                 if role not in self.graphs:
                     raise ManifestFieldError("graphs", f"lacks {role!r}, which a {self.family} bundle needs")
             g, inputs = self.generation, {t.name for t in self.graphs[CAPTION_DECODER].inputs}
@@ -404,7 +411,7 @@ class Manifest:
             g = self.generation
             refs += [("generation.logits", CAPTION_DECODER, g.logits)]
             refs += [(f"generation.cache.{p}", CAPTION_DECODER, present) for p, present in g.cache.items()]
-            refs += [(f"generation.memory.{m}", CAPTION_ENCODER, m) for m in g.memory]
+            refs += [(f"generation.memory.{m}", g.question_graph or CAPTION_ENCODER, m) for m in g.memory]
         return refs
 
     def check_graph(self, role: str, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> None:

@@ -64,7 +64,9 @@ class Captioner:
         self.encoder_backend = self._open(CAPTION_ENCODER, backend)
         self.decoder_backend = self._open(CAPTION_DECODER, backend)
         g = m.generation
-        self.graphs = GenerationGraphs(self.encoder_backend, self.decoder_backend, g)
+        self.question_backend = self._open(g.question_graph, backend) if g.question_graph else None
+        self.answers_questions = self.question_backend is not None
+        self.graphs = GenerationGraphs(self.encoder_backend, self.decoder_backend, g, self.question_backend)
         self.preprocess = ImagePreprocessor(m.image)
         self.tokenizer = load_tokenizer(bundle.file(g.tokenizer))
         self.takes_prompt = g.prompt
@@ -136,8 +138,47 @@ class Captioner:
         Raises:
             InputError: A bad image, setting or prompt.
         """
-        s = self._settings({"max_new_tokens": max_new_tokens, "num_beams": num_beams, **settings})
-        prompt_ids = self._prompt_ids(prompt)
+        if self.answers_questions:
+            raise InputError(f"this model ({self.manifest.name}) answers questions about images: call "
+                             "answer(frame, question) instead of caption().")
+        return self._generate(images, prompt_ids=self._prompt_ids(prompt), question=None, color=color,
+                              batch_size=batch_size, settings={"max_new_tokens": max_new_tokens,
+                                                               "num_beams": num_beams, **settings})
+
+    def answer(self, images: Any, question: str, *, max_new_tokens: int | None = None, num_beams: int | None = None,
+               color: str = "bgr", batch_size: int = 8, **settings: Any) -> Caption | list[Caption]:
+        """Answer a question about a frame, or about each frame of a list (BLIP visual question answering).
+
+        Args:
+            images: One image or a list of them (as for :meth:`caption`).
+            question: The question, e.g. ``"how many people are there?"``.
+            max_new_tokens, num_beams, color, batch_size, **settings: As for :meth:`caption`.
+
+        Returns:
+            One :class:`Caption` (its ``text`` is the answer), or a list for a list of images.
+
+        Raises:
+            InputError: The model does not answer questions, a blank question, or a bad image or setting.
+        """
+        if not self.answers_questions:
+            raise InputError(f"this model ({self.manifest.name}) captions images and answers no questions; call "
+                             "caption(frame), or export a BlipForQuestionAnswering folder.")
+        if not isinstance(question, str) or not question.strip():
+            raise InputError(f"question must be a non-blank string, got {question!r}.")
+        try:
+            question.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError(f"question {question!r} holds a lone surrogate, not valid Unicode.") from None
+        ids = list(self.tokenizer.encode(question).ids)  # with the tokenizer's own [CLS] … [SEP]
+        if len(ids) > self.manifest.generation.max_positions:
+            raise InputError(f"the question is {len(ids)} tokens long; the model reads at most "
+                             f"{self.manifest.generation.max_positions}. Shorten it.")
+        return self._generate(images, prompt_ids=[], question=ids, color=color, batch_size=batch_size,
+                              settings={"max_new_tokens": max_new_tokens, "num_beams": num_beams, **settings})
+
+    def _generate(self, images: Any, *, prompt_ids: list[int], question: list[int] | None, color: str,
+                  batch_size: int, settings: dict[str, Any]) -> Caption | list[Caption]:
+        s = self._settings(settings)
         batch_size = _check_positive_int(batch_size, "batch_size")
         single = not _is_batch(images)
         items = [images] if single else list(images)
@@ -146,7 +187,8 @@ class Captioner:
         captions: list[Caption] = []
         for start in range(0, len(items), batch_size):
             pixels = self.preprocess(items[start: start + batch_size], color=color, first_index=start)
-            captions += [self._caption(h) for h in self.graphs.generate(pixels, s, prompt_ids)]
+            feeds = _question_feeds(question, len(pixels)) if question is not None else None
+            captions += [self._caption(h) for h in self.graphs.generate(pixels, s, prompt_ids, feeds)]
         return captions[0] if single else captions
 
     def caption_stream(self, image: Any, *, prompt: str | None = None, max_new_tokens: int | None = None,
@@ -160,6 +202,8 @@ class Captioner:
         Raises:
             InputError: A bad image, setting or prompt, a list of images, or ``num_beams`` > 1.
         """
+        if self.answers_questions:
+            raise InputError("caption_stream captions; this model answers questions: call answer(frame, question).")
         s = self._settings({"max_new_tokens": max_new_tokens, **settings})
         if s.num_beams > 1:
             raise InputError(f"caption_stream decodes greedily (or samples); beam search (num_beams={s.num_beams}) "
@@ -182,6 +226,12 @@ class Captioner:
         text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
         if len(text) > shown:
             yield text[shown:]
+
+
+def _question_feeds(ids: list[int], rows: int) -> dict[str, np.ndarray]:
+    """The question graph's token inputs: the same question for every image (transformers attends to all of it)."""
+    tokens = np.tile(np.asarray(ids, np.int64), (rows, 1))
+    return {"input_ids": tokens, "attention_mask": np.ones_like(tokens)}
 
 
 FAMILIES["captioner"] = Captioner

@@ -71,7 +71,7 @@ def _labels(args: argparse.Namespace) -> list[str] | None:
 
 def _check_text_args(args: argparse.Namespace) -> None:
     """Refuse texts that held non-UTF-8 bytes on the command line (Python turns each into a lone surrogate)."""
-    for name in ("labels", "texts", "text", "prompt"):
+    for name in ("labels", "texts", "text", "prompt", "question"):
         value = getattr(args, name, None)
         for text in [value] if isinstance(value, str) else value or []:
             try:
@@ -287,8 +287,14 @@ def cmd_classify(args: argparse.Namespace) -> int:
 def cmd_caption(args: argparse.Namespace) -> int:
     model = _load(args, default="captioner", captioner=True)
     paths = _image_paths(args.images)
-    captions = model.caption([str(p) for p in paths], prompt=args.prompt, max_new_tokens=args.max_new_tokens,
-                             num_beams=args.beams)
+    if args.question is not None:
+        if args.prompt is not None:
+            raise InputError("--prompt continues a caption and --question asks one; give one of them.")
+        captions = model.answer([str(p) for p in paths], args.question, max_new_tokens=args.max_new_tokens,
+                                num_beams=args.beams)
+    else:
+        captions = model.caption([str(p) for p in paths], prompt=args.prompt, max_new_tokens=args.max_new_tokens,
+                                 num_beams=args.beams)
     if args.json:
         _print_json([{"image": str(p), "caption": c.text, "token_ids": c.token_ids, "score": c.score}
                      for p, c in zip(paths, captions)])
@@ -629,7 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "'matching': the default plus its image-text matching head; "
                         "'clip': a local Hugging Face CLIPModel or SiglipModel folder given with --from; "
                         "'captioner': the built-in captioner, or with --from a local VisionEncoderDecoderModel "
-                        "(ViT/DeiT + GPT-2) or BlipForConditionalGeneration folder")
+                        "(ViT/DeiT + GPT-2), BlipForConditionalGeneration or BlipForQuestionAnswering folder")
     p.add_argument("--from", dest="source", help="checkpoint folder (config.json, weights, tokenizer, preprocessor config)")
     p.add_argument("--name", help="bundle name (default: the folder's name)")
     p.add_argument("-o", "--output", required=True, help="bundle directory to create")
@@ -683,6 +689,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beams", type=_positive_int, default=None, help="beam search with N beams (default: the bundle's)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=None, help="tokens to generate at most")
     p.add_argument("--prompt", default=None, help="text the caption continues, for models that take one (BLIP)")
+    p.add_argument("--question", default=None, help="ask a question about each image (a BLIP VQA bundle)")
     runtime_options(p)
     p.set_defaults(func=cmd_caption)
 

@@ -166,3 +166,12 @@ def tiny_vit_gpt2_bundle(tiny_vit_gpt2_dir, tmp_path_factory) -> Path:
 def tiny_blip_bundle(tiny_blip_dir, tmp_path_factory) -> Path:
     """The tiny BLIP exported and verified (shared; copy it before damaging it)."""
     return _captioner_bundle(tiny_blip_dir, tmp_path_factory.mktemp("bundles") / "tiny-blip")
+
+
+@pytest.fixture(scope="session")
+def tiny_blip_vqa_bundle(tmp_path_factory) -> Path:
+    """A user's BlipForQuestionAnswering folder (tiny random weights) exported and verified: (folder, bundle)."""
+    from tiny_captioners import make_tiny_blip
+
+    folder = make_tiny_blip(tmp_path_factory.mktemp("checkpoints") / "tiny-blip-vqa", vqa=True)
+    return _captioner_bundle(folder, tmp_path_factory.mktemp("bundles") / "tiny-blip-vqa")

@@ -84,10 +84,11 @@ def make_tiny_vit_gpt2(folder: str | Path, preset: str = "test", seed: int = 0) 
     return folder
 
 
-def make_tiny_blip(folder: str | Path, preset: str = "test", seed: int = 0) -> Path:
-    """A ``BlipForConditionalGeneration`` folder with random weights, its processor and tokenizer."""
+def make_tiny_blip(folder: str | Path, preset: str = "test", seed: int = 0, *, vqa: bool = False) -> Path:
+    """A ``BlipForConditionalGeneration`` (or, with ``vqa``, ``BlipForQuestionAnswering``) folder with random
+    weights, its processor and tokenizer."""
     import torch
-    from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessor
+    from transformers import BlipConfig, BlipForConditionalGeneration, BlipForQuestionAnswering, BlipImageProcessor
 
     p = PRESETS[preset]
     folder = Path(folder)
@@ -101,10 +102,15 @@ def make_tiny_blip(folder: str | Path, preset: str = "test", seed: int = 0) -> P
                            num_attention_heads=p["heads"], image_size=p["image_size"], patch_size=p["patch"],
                            initializer_range=0.02),
     )
-    model = BlipForConditionalGeneration(config).eval()
+    model = (BlipForQuestionAnswering if vqa else BlipForConditionalGeneration)(config).eval()
     _sharpen(model)
     processor = BlipImageProcessor(size={"height": p["image_size"], "width": p["image_size"]})
-    end = _pick_end_token(lambda px: model.generate(px, max_new_tokens=15), processor)
+    if vqa:  # a question: "what is in the picture?" in BERT's uncased WordPiece ids
+        question = torch.tensor([[101, 2054, 2003, 1999, 1996, 3861, 1029, 102]])
+        end = _pick_end_token(lambda px: model.generate(input_ids=question.repeat(len(px), 1), pixel_values=px,
+                                                        max_new_tokens=15), processor)
+    else:
+        end = _pick_end_token(lambda px: model.generate(px, max_new_tokens=15), processor)
     model.config.text_config.sep_token_id = model.text_decoder.config.sep_token_id = end
     model.save_pretrained(str(folder))
     processor.save_pretrained(str(folder))

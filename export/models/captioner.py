@@ -41,7 +41,8 @@ from edgemm.runtime.datasets import sample_photos
 from edgemm.runtime.errors import ExportError, VerificationError
 from edgemm.runtime.generation import CachedDecoder, GenerationGraphs, GenerationSettings
 from edgemm.runtime.image import ImagePreprocessor
-from edgemm.runtime.manifest import CAPTION_DECODER, CAPTION_ENCODER, ImagePreprocess, Manifest, TensorSpec, read_manifest
+from edgemm.runtime.manifest import (CAPTION_DECODER, CAPTION_ENCODER, QUESTION_ENCODER, ImagePreprocess, Manifest,
+                                     TensorSpec, read_manifest)
 
 FAMILY = "captioner"
 ENCODER_ROLE, DECODER_ROLE = CAPTION_ENCODER, CAPTION_DECODER
@@ -268,11 +269,11 @@ class Geometry:
     heads: int
     head_dim: int
     vocab: int
-    memory: int  # encoder states per image (patches + class token, or the adapter's slots)
+    memory: int | str  # encoder states per image (patches + class token, the adapter's slots; VQA: "question")
     image_size: int  # square side of the pixels the image graph takes
 
     @classmethod
-    def of(cls, decoder: StepDecoder, memory: int, image_size: int) -> Geometry:
+    def of(cls, decoder: StepDecoder, memory: int | str, image_size: int) -> Geometry:
         return cls(decoder.layers, decoder.heads, decoder.head_dim, decoder.vocab, memory, image_size)
 
 
@@ -292,7 +293,8 @@ def caption_specs(g: Geometry) -> tuple[ExportSpec, ExportSpec]:
     def dummy_decoder() -> tuple[torch.Tensor, ...]:
         ids = torch.ones(2, 2, dtype=torch.long)
         past = [torch.zeros(2, g.heads, 3, g.head_dim) for _ in past_names(g.layers)]
-        cross = [torch.zeros(2, g.heads, g.memory, g.head_dim) for _ in cross_names(g.layers)]
+        length = g.memory if isinstance(g.memory, int) else 5
+        cross = [torch.zeros(2, g.heads, length, g.head_dim) for _ in cross_names(g.layers)]
         return (ids, *past, *cross)
 
     decoder = ExportSpec(
@@ -306,6 +308,47 @@ def caption_specs(g: Geometry) -> tuple[ExportSpec, ExportSpec]:
         atol=1e-4,
     )
     return encoder, decoder
+
+
+IMAGE_STATES = "image_states"  # VQA: the image graph's output, read by the question graph
+QUESTION_INPUTS = ("input_ids", "attention_mask")  # VQA: the question graph's token inputs
+
+
+def vqa_specs(g: Geometry, states: int, width: int) -> tuple[ExportSpec, ExportSpec, ExportSpec]:
+    """Visual question answering: the image graph (pixels → image states), the question graph (image states +
+    question tokens → the decoder's cross-attention keys/values over the question) and the decoder-step graph."""
+    _, decoder = caption_specs(g)
+    encoder = ExportSpec(
+        role=ENCODER_ROLE, family=FAMILY,
+        inputs=(TensorSpec(PIXELS, "float32", ["batch", 3, g.image_size, g.image_size]),),
+        outputs=(TensorSpec(IMAGE_STATES, "float32", ["batch", states, width]),),
+        dummy_inputs=lambda: (torch.zeros(2, 3, g.image_size, g.image_size),),
+        atol=1e-4,
+    )
+    question = ExportSpec(
+        role=QUESTION_ENCODER, family=FAMILY,
+        inputs=(TensorSpec(IMAGE_STATES, "float32", ["batch", states, width]),
+                *(TensorSpec(n, "int64", ["batch", "question"]) for n in QUESTION_INPUTS)),
+        outputs=tuple(TensorSpec(n, "float32", ["batch", g.heads, "question", g.head_dim])
+                      for n in cross_names(g.layers)),
+        dummy_inputs=lambda: (torch.zeros(2, states, width), torch.ones(2, 5, dtype=torch.long),
+                              torch.ones(2, 5, dtype=torch.long)),
+        atol=1e-4,
+    )
+    return encoder, question, decoder
+
+
+class QuestionGraph(nn.Module):
+    """(image states, question ids, mask) → the decoder's cross-attention keys and values over the question."""
+
+    def __init__(self, question_encoder: nn.Module, decoder: StepDecoder):
+        super().__init__()
+        self.question_encoder, self.decoder = question_encoder, decoder
+
+    def forward(self, image_states: torch.Tensor, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        states = self.question_encoder(image_states, input_ids, attention_mask)
+        return tuple(t for pair in self.decoder.cross(states) for t in pair)
 
 
 def generation_entry(g: Geometry, tokenizer: str, start_ids: Sequence[int], eos_ids: Sequence[int], pad_id: int,
@@ -323,6 +366,7 @@ def generation_entry(g: Geometry, tokenizer: str, start_ids: Sequence[int], eos_
         "cache": dict(zip(past_names(g.layers), present_names(g.layers))),
         "memory": cross_names(g.layers),
         "settings": settings,
+        "question_graph": QUESTION_ENCODER if g.memory == "question" else None,
     }
 
 
@@ -345,11 +389,13 @@ class CaptionerParts:
     settings: dict[str, Any]  # default decoding settings (GenerationSettings fields)
     source: dict[str, Any]  # the manifest's source entry
     reference: Callable[[np.ndarray, dict[str, Any], str | None], list[list[int]]]  # transformers' generate()
-    reference_logits: Callable[[np.ndarray, np.ndarray], np.ndarray]  # (pixels, ids (B, L)) → logits (B, L, V)
+    reference_logits: Callable[..., np.ndarray]  # (pixels, ids (B, L), question) → logits (B, L, V)
     reference_prompt_ids: Callable[[str], list[int]] | None = None  # prompt → the reference's decoder ids
     reference_decode: Callable[[list[int]], str] | None = None  # the reference tokenizer's decode
     reference_pixels: Callable[[Sequence[np.ndarray]], np.ndarray] | None = None  # the reference preprocessing
     verify_prompt: str = "a picture of"  # the prompt conditional captioning is verified with
+    question_encoder: nn.Module | None = None  # VQA: (image states, ids, mask) → question states (batch, L, width)
+    verify_question: str = "what is in the picture?"  # VQA: the question answering is verified with
     extra_files: dict[str, Any] = field(default_factory=dict)  # more JSON files for the bundle (name → object)
 
 
@@ -395,7 +441,12 @@ def verify_generation(parts: CaptionerParts, graphs: GenerationGraphs, pixels: n
              "beam": ({**base, "num_beams": beams, "do_sample": False}, None)}
     if parts.prompt:
         modes["prompted"] = ({**base, "num_beams": 1, "do_sample": False}, parts.verify_prompt)
+    vqa = parts.question_encoder is not None
+    question = parts.verify_question if vqa else None
+    feeds = question_feeds(parts.tokenizer, question, len(pixels)) if vqa else None
     report: dict[str, Any] = {"images": len(pixels), "compared_to": "transformers generate()"}
+    if vqa:
+        report["question"] = question
     greedy_tokens: list[list[int]] = []
     for mode, (settings, prompt) in modes.items():
         prompt_ids = parts.tokenizer.encode(prompt, add_special_tokens=False).ids if prompt else []
@@ -405,8 +456,8 @@ def verify_generation(parts: CaptionerParts, graphs: GenerationGraphs, pixels: n
             if got != want:
                 raise VerificationError(f"the prompt {prompt!r} becomes decoder ids {got} in edgemm but {want} in "
                                         "the reference; nothing was written.")
-        ours = [h.tokens for h in graphs.generate(pixels, GenerationSettings(**settings), prompt_ids)]
-        ref = parts.reference(pixels, settings, prompt)
+        ours = [h.tokens for h in graphs.generate(pixels, GenerationSettings(**settings), prompt_ids, feeds)]
+        ref = parts.reference(pixels, settings, question if vqa else prompt)
         bad = [(names[i], _first_difference(o, r), o, r) for i, (o, r) in enumerate(zip(ours, ref)) if o != r]
         if bad:
             name, at, o, r = bad[0]
@@ -428,8 +479,14 @@ def verify_generation(parts: CaptionerParts, graphs: GenerationGraphs, pixels: n
             raise VerificationError(f"edgemm's tokenizer.json decodes a caption as {differ[0][0]!r}, the folder's "
                                     f"tokenizer as {differ[0][1]!r}; nothing was written.")
         report["identical_text"] = len(texts)
-    report["logits"] = _verify_step_logits(parts, graphs, pixels[:4], greedy_tokens[:4])
+    report["logits"] = _verify_step_logits(parts, graphs, pixels[:4], greedy_tokens[:4], question)
     return report
+
+
+def question_feeds(tokenizer: Any, question: str, rows: int) -> dict[str, np.ndarray]:
+    """A question as the question graph takes it: the tokenizer's ids (special tokens included), all attended."""
+    ids = np.tile(np.asarray(tokenizer.encode(question).ids, np.int64), (rows, 1))
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
 
 
 def graphs_decode(tokenizer: Any, ids: Sequence[int]) -> str:
@@ -437,13 +494,15 @@ def graphs_decode(tokenizer: Any, ids: Sequence[int]) -> str:
 
 
 def _verify_step_logits(parts: CaptionerParts, graphs: GenerationGraphs, pixels: np.ndarray,
-                        tokens: Sequence[Sequence[int]], rtol: float = 1e-4) -> dict[str, Any]:
+                        tokens: Sequence[Sequence[int]], question: str | None = None,
+                        rtol: float = 1e-4) -> dict[str, Any]:
     """First-step (empty past) and cached-step logits of the graphs vs the reference's full forward pass."""
     p = len(parts.start_ids)
     length = min(len(t) for t in tokens)
     ids = np.asarray([list(t[:length]) for t in tokens], np.int64)
-    want = parts.reference_logits(pixels, ids)  # (B, L, V)
-    decoder = CachedDecoder(graphs.decoder_backend, graphs.graph, graphs.memory(pixels))
+    want = parts.reference_logits(pixels, ids, question)  # (B, L, V)
+    feeds = question_feeds(parts.tokenizer, question, len(pixels)) if question is not None else None
+    decoder = CachedDecoder(graphs.decoder_backend, graphs.graph, graphs.memory(pixels, feeds))
     first = decoder.step(ids[:, :p])
     worst = {"first_step": float(np.abs(first - want[:, p - 1]).max())}
     cached = 0.0
@@ -473,23 +532,44 @@ def build_captioner_bundle(parts: CaptionerParts, out_dir: str | Path, *, overwr
     images = [p.image for p in photos]
     names = [p.name for p in photos]
     pixels = ImagePreprocessor(parts.image)(images, color="rgb")
+    vqa = parts.question_encoder is not None
     with torch.no_grad():
-        memory = int(parts.image_states(torch.from_numpy(pixels[:1])).shape[1])
-    g = Geometry.of(parts.decoder, memory, parts.image.size)
-    enc_spec, dec_spec = caption_specs(g)
-    encoder, decoder = EncoderGraph(parts.image_states, parts.decoder).eval(), DecoderGraph(parts.decoder).eval()
+        states = parts.image_states(torch.from_numpy(pixels[:1]))
+    g = Geometry.of(parts.decoder, "question" if vqa else int(states.shape[1]), parts.image.size)
+    if vqa:
+        enc_spec, q_spec, dec_spec = vqa_specs(g, int(states.shape[1]), int(states.shape[2]))
+        encoder: nn.Module = _Single(parts.image_states).eval()
+        question = QuestionGraph(parts.question_encoder, parts.decoder).eval()
+    else:
+        enc_spec, dec_spec = caption_specs(g)
+        encoder = EncoderGraph(parts.image_states, parts.decoder).eval()
+    decoder = DecoderGraph(parts.decoder).eval()
+    reports: dict[str, Any] = {}
     with BundleWriter(out_dir, overwrite=overwrite) as w:
         step(f"exporting {enc_spec.file}")
         export_onnx(encoder, enc_spec, w.path(enc_spec.file))
         step(f"verifying {enc_spec.role} against PyTorch on sample photos")
         batches = [{PIXELS: pixels[:1]}, {PIXELS: pixels[:4]}]
-        enc_report = verify_onnx(encoder, enc_spec, w.path(enc_spec.file), batches, description="real sample photos",
-                                 atol=_scaled_atol(encoder, enc_spec, batches))
+        reports[enc_spec.role] = verify_onnx(encoder, enc_spec, w.path(enc_spec.file), batches,
+                                             description="real sample photos",
+                                             atol=_scaled_atol(encoder, enc_spec, batches))
+        with torch.no_grad():
+            out = encoder(torch.from_numpy(pixels[:3]))
+        if vqa:
+            step(f"exporting and verifying {q_spec.file}")
+            export_onnx(question, q_spec, w.path(q_spec.file))
+            q_batches = [{IMAGE_STATES: out[0].numpy(), **question_feeds(parts.tokenizer, q, 3)}
+                         for q in (parts.verify_question, "how many?", "what color is the thing on the left?")]
+            reports[q_spec.role] = verify_onnx(question, q_spec, w.path(q_spec.file), q_batches,
+                                               description="sample photos' image states with real questions",
+                                               atol=_scaled_atol(question, q_spec, q_batches))
+            with torch.no_grad():
+                out = question(*(torch.from_numpy(v) for v in q_batches[0].values()))
+        cross = [t.numpy() for t in out]
         step(f"exporting {dec_spec.file}")
         export_onnx(decoder, dec_spec, w.path(dec_spec.file))
         step(f"verifying {dec_spec.role} against PyTorch: first step (empty past) and cached steps")
         with torch.no_grad():
-            cross = [t.numpy() for t in encoder(torch.from_numpy(pixels[:3]))]
             start = np.tile(np.asarray(parts.start_ids, np.int64), (3, 1))
             first = decoder(*(torch.from_numpy(v) for v in _decoder_feeds(parts.decoder, cross, start, None).values()))
         present = [t.numpy() for t in first[1:]]
@@ -497,27 +577,39 @@ def build_captioner_bundle(parts: CaptionerParts, out_dir: str | Path, *, overwr
         batches = [_decoder_feeds(parts.decoder, cross, start, None),
                    _decoder_feeds(parts.decoder, cross, nxt, present),
                    _decoder_feeds(parts.decoder, cross, np.concatenate([nxt, nxt], axis=1), present)]
-        dec_report = verify_onnx(decoder, dec_spec, w.path(dec_spec.file), batches,
-                                 description="sample photos' memory with an empty and a cached past",
-                                 atol=_scaled_atol(decoder, dec_spec, batches))
+        reports[dec_spec.role] = verify_onnx(decoder, dec_spec, w.path(dec_spec.file), batches,
+                                             description="sample photos' memory with an empty and a cached past",
+                                             atol=_scaled_atol(decoder, dec_spec, batches))
         parts.tokenizer.save(str(w.path("tokenizer.json")))
         for rel, obj in parts.extra_files.items():
             w.write_json(rel, obj)
         generation = generation_entry(g, "tokenizer.json", parts.start_ids, parts.eos_ids, parts.pad_id,
                                       parts.decoder.max_positions, prompt=parts.prompt, settings=parts.settings)
+        specs = (enc_spec, q_spec, dec_spec) if vqa else (enc_spec, dec_spec)
         fields = dict(name=parts.name, family=FAMILY, precision="fp32", embedding_dim=None,
-                      graphs={s.role: s.manifest_entry() for s in (enc_spec, dec_spec)}, image=vars(parts.image),
+                      graphs={s.role: s.manifest_entry() for s in specs}, image=vars(parts.image),
                       text=None, scoring=None, labels=None, generation=generation, source=parts.source)
-        staged = w.stage(**fields, verification={enc_spec.role: enc_report, dec_spec.role: dec_report})
+        staged = w.stage(**fields, verification=dict(reports))
         step("verifying generation token for token against transformers generate() on sample photos")
         manifest = read_manifest(staged)
         graphs = GenerationGraphs(OnnxRuntimeBackend(staged / enc_spec.file), OnnxRuntimeBackend(staged / dec_spec.file),
-                                  manifest.generation)
-        gen_report = verify_generation(parts, graphs, pixels, names)
-        verification = {enc_spec.role: enc_report, dec_spec.role: dec_report, "generation": gen_report}
-        if parts.reference_pixels is not None:
-            verification["preprocessing"] = _check_preprocessing(parts, graphs, images, pixels)
-        return w.commit(**fields, verification=verification)
+                                  manifest.generation,
+                                  OnnxRuntimeBackend(staged / q_spec.file) if vqa else None)
+        reports["generation"] = verify_generation(parts, graphs, pixels, names)
+        if parts.reference_pixels is not None and not vqa:
+            reports["preprocessing"] = _check_preprocessing(parts, graphs, images, pixels)
+        return w.commit(**fields, verification=reports)
+
+
+class _Single(nn.Module):
+    """A module returning one tensor, as a graph with one output (the VQA image graph)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.module(pixels),)
 
 
 def _check_preprocessing(parts: CaptionerParts, graphs: GenerationGraphs, images: Sequence[np.ndarray],
@@ -573,7 +665,7 @@ def default_captioner_parts() -> CaptionerParts:
         return [_cut(row, len(start), eos) for row in out.tolist()]
 
     @torch.no_grad()
-    def reference_logits(pixels: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    def reference_logits(pixels: np.ndarray, ids: np.ndarray, _question: str | None = None) -> np.ndarray:
         memory = c.image_encoder(torch.from_numpy(pixels))
         return c.decoder(input_ids=torch.from_numpy(ids), encoder_outputs=(memory,)).logits.float().numpy()
 

@@ -26,7 +26,8 @@ from edgemm.runtime.errors import ExportError
 ENCODERS = ("vit", "deit")  # VisionEncoderDecoderModel encoders edgemm exports
 DECODERS = {"gpt2": Gpt2Step}  # … and decoders
 SUPPORTED = ("VisionEncoderDecoderModel (ViT or DeiT encoder + GPT-2 decoder, the 'vit-gpt2' family)",
-             "BlipForConditionalGeneration (BLIP base/large captioning)")
+             "BlipForConditionalGeneration (BLIP base/large captioning)",
+             "BlipForQuestionAnswering (BLIP visual question answering)")
 
 # generate() settings edgemm's generation loop implements (runtime/generation.py: GenerationSettings) …
 IMPLEMENTED = ("max_length", "max_new_tokens", "min_length", "min_new_tokens", "early_stopping", "do_sample",
@@ -47,7 +48,7 @@ NEUTRAL = {"num_return_sequences": 1, "remove_invalid_values": False, "renormali
 
 
 def captioner_kind(folder: str | Path) -> str:
-    """``"vision-encoder-decoder"`` or ``"blip"`` for a folder edgemm can export as a captioner.
+    """``"vision-encoder-decoder"``, ``"blip"`` or ``"blip-vqa"`` for a folder edgemm can export as a captioner.
 
     Raises:
         ExportError: Not a checkpoint folder, or a model edgemm does not export (naming what it does export).
@@ -64,9 +65,10 @@ def captioner_kind(folder: str | Path) -> str:
                               f"decoder; {supported}")
     elif model_type == "blip":
         architectures = config.get("architectures") or ["BlipForConditionalGeneration"]
-        if "BlipForConditionalGeneration" not in architectures:
-            raise ExportError(f"'{folder}' holds {architectures}; {supported} (BLIP's question answering model is "
-                              "not exported yet.)")
+        if "BlipForQuestionAnswering" in architectures:
+            model_type = "blip-vqa"
+        elif "BlipForConditionalGeneration" not in architectures:
+            raise ExportError(f"'{folder}' holds {architectures}; {supported}")
     else:
         raise ExportError(f"'{folder}' holds a {model_type!r} model ({config.get('architectures')}); {supported}")
     check_weights(folder)
@@ -120,6 +122,18 @@ class _BlipImage(nn.Module):
         return self.vision(pixel_values=pixels)[0]
 
 
+class _BlipQuestion(nn.Module):
+    """BLIP's question encoder: the question's tokens cross-attending to the image states."""
+
+    def __init__(self, text_encoder: nn.Module):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, image_states: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        return self.text_encoder(input_ids=input_ids, attention_mask=attention_mask,
+                                 encoder_hidden_states=image_states, return_dict=False)[0]
+
+
 class CaptionCheckpoint:
     """A loaded local captioner folder and the reference it is verified against.
 
@@ -132,8 +146,9 @@ class CaptionCheckpoint:
 
         self.folder = Path(folder).absolute()
         self.kind = captioner_kind(self.folder)
-        cls = transformers.VisionEncoderDecoderModel if self.kind == "vision-encoder-decoder" else \
-            transformers.BlipForConditionalGeneration
+        cls = {"vision-encoder-decoder": transformers.VisionEncoderDecoderModel,
+               "blip": transformers.BlipForConditionalGeneration,
+               "blip-vqa": transformers.BlipForQuestionAnswering}[self.kind]
         try:
             model = cls.from_pretrained(str(self.folder), local_files_only=True, attn_implementation="eager")
         except Exception as e:  # transformers raises many types for a broken folder
@@ -154,6 +169,16 @@ class CaptionCheckpoint:
             self.image_size = int(config.encoder.image_size)
             self.generation_config = model.generation_config
             self.prompt = False
+            self.question_encoder = None
+        elif self.kind == "blip-vqa":
+            text = model.config.text_config
+            start, eos, pad = model.decoder_start_token_id, text.sep_token_id, text.pad_token_id
+            self.image_states = _BlipImage(model).eval()
+            self.question_encoder: nn.Module | None = _BlipQuestion(model.text_encoder).eval()
+            self.decoder = BlipTextStep(model.text_decoder).eval()
+            self.image_size = int(model.config.vision_config.image_size)
+            self.generation_config = model.text_decoder.generation_config
+            self.prompt = False
         else:
             text = model.config.text_config
             start, eos, pad = text.bos_token_id, text.sep_token_id, text.pad_token_id
@@ -163,6 +188,7 @@ class CaptionCheckpoint:
             # BLIP's generate() calls text_decoder.generate(), which decodes with the text decoder's own config.
             self.generation_config = model.text_decoder.generation_config
             self.prompt = True
+            self.question_encoder = None
         if start is None or eos is None:
             raise ExportError(f"'{self.folder}': the config names no decoder start token or no end token; set "
                               "decoder_start_token_id and eos_token_id in its generation config.")
@@ -208,6 +234,10 @@ class CaptionCheckpoint:
         cut after the first end token (transformers pads finished rows)."""
         px = torch.from_numpy(pixels)
         kwargs = {k: (v if not isinstance(v, list) else list(v)) for k, v in settings.items() if k != "seed"}
+        if self.kind == "blip-vqa":  # ``prompt`` is the question
+            ids = torch.tensor([self.tokenizer(prompt).input_ids] * len(px))
+            out = self.model.generate(input_ids=ids, pixel_values=px, **kwargs)
+            return [_cut(row, len(self.start_ids), self.eos_ids) for row in out.tolist()]
         if self.kind == "blip" and prompt is not None:
             ids = torch.tensor([self.tokenizer(prompt).input_ids] * len(px))
             out = self.model.generate(pixel_values=px, input_ids=ids, **kwargs)
@@ -219,9 +249,15 @@ class CaptionCheckpoint:
         return [_cut(row, start, self.eos_ids) for row in out.tolist()]
 
     @torch.no_grad()
-    def logits(self, pixels: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    def logits(self, pixels: np.ndarray, ids: np.ndarray, question: str | None = None) -> np.ndarray:
         """The model's logits for decoder ids (batch, length) in one full forward pass (no cache)."""
         px, ids_t = torch.from_numpy(pixels), torch.from_numpy(ids)
+        if self.kind == "blip-vqa":
+            image = self.model.vision_model(pixel_values=px)[0]
+            q = torch.tensor([self.tokenizer(question).input_ids] * len(px))
+            states = self.model.text_encoder(input_ids=q, attention_mask=torch.ones_like(q),
+                                             encoder_hidden_states=image, return_dict=False)[0]
+            return self.model.text_decoder(input_ids=ids_t, encoder_hidden_states=states).logits.float().numpy()
         if self.kind == "blip":
             memory = self.model.vision_model(pixel_values=px)[0]
             return self.model.text_decoder(input_ids=ids_t, encoder_hidden_states=memory).logits.float().numpy()
@@ -237,5 +273,5 @@ class CaptionCheckpoint:
             reference=self.generate, reference_logits=self.logits,
             reference_prompt_ids=self.prompt_ids if self.prompt else None,
             reference_decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
-            reference_pixels=self.pixels,
+            reference_pixels=self.pixels, question_encoder=self.question_encoder,
         )

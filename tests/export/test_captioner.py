@@ -152,13 +152,13 @@ def test_unsupported_folders_are_refused(tiny_clip_dir, tiny_vit_gpt2_dir, tmp_p
             captioner_kind(folder)
 
 
-def test_blip_question_answering_is_refused_clearly(tiny_blip_dir, tmp_path):
-    folder = tmp_path / "vqa"
+def test_other_blip_heads_are_refused_clearly(tiny_blip_dir, tmp_path):
+    folder = tmp_path / "itm"
     shutil.copytree(tiny_blip_dir, folder)
     config = json.loads((folder / "config.json").read_text())
-    config["architectures"] = ["BlipForQuestionAnswering"]
+    config["architectures"] = ["BlipForImageTextRetrieval"]
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ExportError, match="question answering"):
+    with pytest.raises(ExportError, match="BlipForQuestionAnswering"):
         captioner_kind(folder)
 
 
@@ -171,3 +171,25 @@ def test_generation_settings_edgemm_does_not_implement_fail_the_export(tiny_vit_
     (folder / "generation_config.json").write_text(json.dumps({**config, **setting}))
     with pytest.raises(ExportError, match=f"sets .*{next(iter(setting))}.*does not implement"):
         CaptionCheckpoint(folder)
+
+
+def test_blip_vqa_answers_equal_transformers(tiny_blip_vqa_bundle, tiny_vit_gpt2_bundle, photos):
+    """Visual question answering: a question graph between the image graph and the decoder, the same parity."""
+    model = edgemm.load(tiny_blip_vqa_bundle, threads=1)
+    man = model.manifest
+    assert set(man.graphs) == {"caption_encoder", "question_encoder", "caption_decoder"}
+    assert man.generation.question_graph == "question_encoder"
+    v = man.verification["generation"]
+    assert v["greedy"]["identical_tokens"] == v["beam"]["identical_tokens"] == 15 and v["question"]
+    ck = CaptionCheckpoint(man.source["path"])
+    pixels = model.preprocess(photos[:6], color="rgb")
+    for question in ("how many dogs are in the picture?", "is it raining?"):
+        for settings in ({"num_beams": 1}, {"num_beams": 3, "length_penalty": -1.0}):
+            ours = model.answer(photos[:6], question, color="rgb", **settings)
+            assert [c.token_ids for c in ours] == ck.generate(pixels, {**ck.settings, **settings}, question)
+    with pytest.raises(edgemm.InputError, match="answer"):
+        model.caption(photos[0])
+    with pytest.raises(edgemm.InputError, match="question must be"):
+        model.answer(photos[0], "  ")
+    with pytest.raises(edgemm.InputError, match="answers no questions"):
+        edgemm.load(tiny_vit_gpt2_bundle, threads=1).answer(photos[0], "what?")

@@ -163,3 +163,13 @@ def test_commands_refuse_the_wrong_kind_of_bundle(tiny_blip_bundle, default_bund
     assert wrong.returncode == 2 and "is a captioner bundle" in wrong.stderr and "edgemm caption" in wrong.stderr
     wrong = run_cli("caption", str(tmp_path / "p.png"), "--bundle", str(default_bundle), check=False)
     assert wrong.returncode == 2 and "needs a captioner bundle" in wrong.stderr
+
+
+def test_cli_answers_a_question(tiny_blip_vqa_bundle, photos, tmp_path):
+    from PIL import Image
+
+    Image.fromarray(photos[1]).save(tmp_path / "cat.png")
+    out = run_cli("caption", str(tmp_path / "cat.png"), "--bundle", str(tiny_blip_vqa_bundle), "--question",
+                  "what animal is this?", "--json")
+    want = edgemm.load(tiny_blip_vqa_bundle).answer(str(tmp_path / "cat.png"), "what animal is this?")
+    assert json.loads(out.stdout)[0]["token_ids"] == want.token_ids
