@@ -35,7 +35,7 @@ from torch import nn
 
 from edgemm.export.bundle_writer import BundleWriter
 from edgemm.export.onnx_export import export_onnx, verify_onnx
-from edgemm.export.specs import ExportSpec
+from edgemm.export.specs import ExportSpec, register_spec
 from edgemm.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from edgemm.runtime.datasets import sample_photos
 from edgemm.runtime.errors import ExportError, VerificationError
@@ -310,6 +310,12 @@ def caption_specs(g: Geometry) -> tuple[ExportSpec, ExportSpec]:
     return encoder, decoder
 
 
+# The built-in captioner's geometry (Whisper tiny.en's decoder over the adapter's 8 memory tokens), registered as
+# the family's specs; users' checkpoints get the same specs at their own geometry from caption_specs().
+DEFAULT_GEOMETRY = Geometry(layers=4, heads=6, head_dim=64, vocab=51864, memory=8, image_size=224)
+CAPTION_ENCODER_SPEC, CAPTION_DECODER_SPEC = (register_spec(s) for s in caption_specs(DEFAULT_GEOMETRY))
+
+
 IMAGE_STATES = "image_states"  # VQA: the image graph's output, read by the question graph
 QUESTION_INPUTS = ("input_ids", "attention_mask")  # VQA: the question graph's token inputs
 
@@ -540,6 +546,9 @@ def build_captioner_bundle(parts: CaptionerParts, out_dir: str | Path, *, overwr
         enc_spec, q_spec, dec_spec = vqa_specs(g, int(states.shape[1]), int(states.shape[2]))
         encoder: nn.Module = _Single(parts.image_states).eval()
         question = QuestionGraph(parts.question_encoder, parts.decoder).eval()
+    elif g == DEFAULT_GEOMETRY:
+        enc_spec, dec_spec = CAPTION_ENCODER_SPEC, CAPTION_DECODER_SPEC
+        encoder = EncoderGraph(parts.image_states, parts.decoder).eval()
     else:
         enc_spec, dec_spec = caption_specs(g)
         encoder = EncoderGraph(parts.image_states, parts.decoder).eval()

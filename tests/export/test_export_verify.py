@@ -31,10 +31,11 @@ def tiny_module() -> nn.Module:
 
 
 def test_every_registered_spec_is_exported_by_a_test():
+    import edgemm.export.models.captioner  # noqa: F401
     import edgemm.export.models.dual_encoder  # noqa: F401  (registers the family's specs)
 
     # Each registered role must be exercised by the default-bundle build tests.
-    assert {"image_encoder", "text_encoder"} <= set(SPECS)
+    assert {"image_encoder", "text_encoder", "caption_encoder", "caption_decoder"} <= set(SPECS)
     for spec in SPECS.values():
         assert spec.file.endswith(".onnx")
         assert all(isinstance(d, (int, str)) for t in spec.inputs for d in t.shape)
