@@ -14,9 +14,16 @@ def _onnxruntime(path: Path, **options) -> Backend:
     return OnnxRuntimeBackend(path, **options)
 
 
-# backend name → (file suffix it loads, factory). TensorRT joins here when its backend lands.
+def _tensorrt(path: Path, **options) -> Backend:
+    from edgemm.runtime.backends.tensorrt import TensorRTBackend
+
+    return TensorRTBackend(path, **options)
+
+
+# backend name → (file suffix it loads, factory)
 BACKENDS = {
     "onnxruntime": (".onnx", _onnxruntime),
+    "tensorrt": (".plan", _tensorrt),
 }
 
 
@@ -35,6 +42,11 @@ def open_backend(path: str | Path, backend: str = "onnxruntime", **options) -> B
         raise BackendError(f"unknown backend '{backend}'; choose from {sorted(BACKENDS)}.")
     suffix, factory = BACKENDS[backend]
     path = Path(path)
+    if backend == "tensorrt" and path.suffix == ".onnx":
+        raise BackendError(f"backend 'tensorrt' runs TensorRT engines (.plan) built on the target from the ONNX "
+                           f"graphs; '{path.name}' is an ONNX graph, and building engines (edgemm engine build) is "
+                           "not in this edgemm yet. Meanwhile use backend='onnxruntime' with "
+                           "providers=('tensorrt', 'cuda') or ('cuda',).")
     if path.suffix != suffix:
         raise BackendError(f"backend '{backend}' loads {suffix} files, not '{path.name}'.")
     return factory(path, **options)

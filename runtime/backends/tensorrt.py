@@ -1,0 +1,243 @@
+"""Native TensorRT backend: one plain ``.plan`` engine, run on its own CUDA stream with ``execute_async_v3``.
+
+One code path for the ``tensorrt`` module (JetPack, NVIDIA's builds) and
+``tensorrt_rtx`` (TensorRT for RTX), which share the TensorRT 10 Python API;
+device memory, pinned host memory and the stream come from ``cuda-python``
+(no torch in the runtime). Buffers are kept between calls and grown only when
+a call needs more. A missing TensorRT, CUDA driver or GPU, or an engine this
+TensorRT or GPU cannot run, is one ``BackendError`` naming what to do — never a
+fallback to another runtime.
+
+Not yet run on a GPU in this project's CI (none is lent there); it is
+type-checked against ``tensorrt-stubs`` and exercised by the GPU check
+(``benchmarks/gpu_check.sh``) when a device is available.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+from collections import OrderedDict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edgemm.runtime.backends.base import Backend
+from edgemm.runtime.errors import BackendError, InputError
+from edgemm.runtime.manifest import TensorSpec
+
+if TYPE_CHECKING:  # the TensorRT 10 API as tensorrt-stubs declares it: CI type-checks this file against it
+    import tensorrt as trt_api
+
+TENSORRT_MODULES = ("tensorrt", "tensorrt_rtx")  # JetPack / NVIDIA builds, then TensorRT for RTX
+INSTALL = ("install TensorRT 10: on a Jetson it comes with JetPack (python3-libnvinfer); on an RTX desktop "
+           "pip install 'edgemm[tensorrt-rtx]'; elsewhere NVIDIA's wheels or containers, with "
+           "pip install 'edgemm[tensorrt]' for cuda-python")
+
+
+def import_tensorrt() -> tuple[Any, str]:
+    """The installed TensorRT module and its name.
+
+    ``tensorrt-stubs`` leaves an importable, empty ``tensorrt`` namespace, and the
+    ``tensorrt`` wheels on the package index are stubs that download at install
+    time: a module counts only if it has the runtime API (``Runtime``, ``__version__``).
+
+    Raises:
+        BackendError: No usable TensorRT (names how to install one).
+    """
+    seen = []
+    for name in TENSORRT_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError as e:
+            seen.append(f"{name}: {e}")
+            continue
+        if hasattr(module, "Runtime") and hasattr(module, "__version__"):
+            return module, name
+        seen.append(f"{name}: imports but has no TensorRT runtime (a stub or type-stub package)")
+    raise BackendError(f"TensorRT is not available ({'; '.join(seen)}); {INSTALL}.")
+
+
+def import_cudart() -> Any:
+    """``cuda-python``'s runtime bindings.
+
+    Raises:
+        BackendError: cuda-python is missing.
+    """
+    for name in ("cuda.bindings.runtime", "cuda.cudart"):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    raise BackendError("the TensorRT backend needs cuda-python for device memory and streams: "
+                       "pip install 'edgemm[tensorrt]' (cuda-python matching your driver's CUDA version).")
+
+
+def _dims(dims: Any) -> tuple[int, ...]:
+    """A TensorRT ``Dims`` (tuple-like: indexable, sized) as a tuple of ints."""
+    return tuple(int(dims[i]) for i in range(len(dims)))
+
+
+def _check(result: Any, what: str) -> Any:
+    """cuda-python returns (error, value…); raise on an error, return the value(s)."""
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise BackendError(f"CUDA {what} failed: {err}. Is an NVIDIA GPU present, with a driver recent enough for "
+                           "this cuda-python?")
+    return values[0] if len(values) == 1 else values
+
+
+def gpu_info(cudart: Any, device: int = 0) -> dict[str, str]:
+    """Name and compute capability of a device (what an engine is tied to).
+
+    Raises:
+        BackendError: No driver or no such device.
+    """
+    count = _check(cudart.cudaGetDeviceCount(), "device query")
+    if not count or device >= count:
+        raise BackendError(f"no CUDA device {device} (found {count or 0}); TensorRT needs an NVIDIA GPU.")
+    props = _check(cudart.cudaGetDeviceProperties(device), "device properties")
+    name = props.name.decode(errors="replace").rstrip("\0") if isinstance(props.name, bytes) else str(props.name)
+    return {"gpu": name, "compute_capability": f"{props.major}.{props.minor}"}
+
+
+class _Buffer:
+    """A device allocation and a pinned host allocation of the same size, grown on demand."""
+
+    def __init__(self, cudart: Any):
+        self.cudart, self.nbytes, self.device, self.host = cudart, 0, 0, 0
+
+    def ensure(self, nbytes: int) -> None:
+        if nbytes <= self.nbytes:
+            return
+        self.free()
+        self.device = _check(self.cudart.cudaMalloc(nbytes), f"allocation of {nbytes} device bytes")
+        self.host = _check(self.cudart.cudaMallocHost(nbytes), f"allocation of {nbytes} pinned host bytes")
+        self.nbytes = nbytes
+
+    def host_view(self, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        count = int(np.prod(shape)) * dtype.itemsize
+        raw = memoryview((ctypes.c_byte * max(count, 1)).from_address(self.host)).cast("B")
+        return np.frombuffer(raw, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
+
+    def free(self) -> None:
+        if self.device:
+            self.cudart.cudaFree(self.device)
+        if self.host:
+            self.cudart.cudaFreeHost(self.host)
+        self.nbytes, self.device, self.host = 0, 0, 0
+
+
+class TensorRTBackend(Backend):
+    """One TensorRT engine (a plain ``.plan`` file).
+
+    Args:
+        path: The plan.
+        device: CUDA device index.
+        providers, threads, spinning: Accepted for the common backend options;
+            ``providers`` must be empty or ``("tensorrt",)`` (TensorRT runs on the GPU only).
+
+    Raises:
+        BackendError: TensorRT, cuda-python, the driver or the GPU is missing, or this
+            TensorRT cannot deserialize the plan (built by another version or for another GPU).
+    """
+
+    name = "tensorrt"
+
+    def __init__(self, path: str | Path, *, device: int = 0, providers: tuple[str, ...] | list[str] = (),
+                 threads: int | None = None, spinning: bool | None = None):
+        super().__init__()
+        if tuple(providers) not in ((), ("tensorrt",), ("cuda",), ("tensorrt", "cuda")):
+            raise BackendError(f"the TensorRT backend runs on the GPU; providers {tuple(providers)} do not apply "
+                               "(use backend='onnxruntime' for those).")
+        self.path = Path(path)
+        self.trt, self.module = import_tensorrt()
+        self.cudart = import_cudart()
+        self.gpu = gpu_info(self.cudart, device)
+        _check(self.cudart.cudaSetDevice(device), "device selection")
+        if TYPE_CHECKING:
+            trt = trt_api
+        else:
+            trt = self.trt
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        try:
+            plan = self.path.read_bytes()
+        except OSError as e:
+            raise BackendError(f"cannot read engine '{self.path}': {e.strerror or e}.") from None
+        engine: trt_api.ICudaEngine | None = self._runtime.deserialize_cuda_engine(plan)
+        if engine is None:
+            raise BackendError(f"{self.module} {trt.__version__} cannot load engine '{self.path}' on {self.gpu['gpu']} "
+                               f"(compute capability {self.gpu['compute_capability']}): engines run only on the "
+                               "TensorRT version and GPU that built them. Rebuild it here: edgemm engine build.")
+        self.engine: trt_api.ICudaEngine = engine
+        self.context: trt_api.IExecutionContext = engine.create_execution_context()
+        self.stream = _check(self.cudart.cudaStreamCreate(), "stream creation")
+        self._buffers: dict[str, _Buffer] = {}
+        self._profiles: dict[str, list[tuple[int, ...]]] = {}
+        for i in range(self.engine.num_io_tensors):
+            tensor = self.engine.get_tensor_name(i)
+            dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(tensor)))
+            shape: list[int | str] = [d if d >= 0 else "dynamic" for d in _dims(self.engine.get_tensor_shape(tensor))]
+            spec = TensorSpec(name=tensor, dtype=dtype.name, shape=shape)
+            if self.engine.get_tensor_mode(tensor) == trt.TensorIOMode.INPUT:
+                self.inputs.append(spec)
+                self._profiles[tensor] = [_dims(d) for d in self.engine.get_tensor_profile_shape(tensor, 0)]
+            else:
+                self.outputs.append(spec)
+            self._buffers[tensor] = _Buffer(self.cudart)
+
+    def profile(self, name: str) -> list[tuple[int, ...]]:
+        """(min, opt, max) shape of an input in the engine's profile."""
+        return self._profiles[name]
+
+    def _infer(self, feeds: dict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
+        cudart, kind = self.cudart, self.cudart.cudaMemcpyKind
+        for name, array in feeds.items():
+            lo, _, hi = self._profiles[name]
+            if any(not a <= s <= b for a, s, b in zip(lo, array.shape, hi)):
+                raise InputError(f"tensorrt: input '{name}' has shape {array.shape}, outside the engine's profile "
+                                 f"{lo} … {hi}; rebuild the engine with a wider range (edgemm engine build --axis).")
+            if not self.context.set_input_shape(name, tuple(array.shape)):
+                raise BackendError(f"tensorrt: the engine refused input shape {array.shape} for '{name}'.")
+            buf = self._buffers[name]
+            buf.ensure(array.nbytes)
+            np.copyto(buf.host_view(array.dtype, array.shape), array)
+            _check(cudart.cudaMemcpyAsync(buf.device, buf.host, array.nbytes, kind.cudaMemcpyHostToDevice,
+                                          self.stream), f"copy of '{name}' to the device")
+            self.context.set_tensor_address(name, buf.device)
+        shapes = {}
+        for spec in self.outputs:
+            shape = _dims(self.context.get_tensor_shape(spec.name))
+            nbytes = int(np.prod(shape)) * np.dtype(spec.dtype).itemsize
+            self._buffers[spec.name].ensure(max(nbytes, 1))
+            self.context.set_tensor_address(spec.name, self._buffers[spec.name].device)
+            shapes[spec.name] = (shape, nbytes)
+        if not self.context.execute_async_v3(self.stream):
+            raise BackendError(f"tensorrt: '{self.path.name}' failed to run (see TensorRT's log above).")
+        out: OrderedDict[str, np.ndarray] = OrderedDict()
+        for spec in self.outputs:
+            shape, nbytes = shapes[spec.name]
+            buf = self._buffers[spec.name]
+            _check(cudart.cudaMemcpyAsync(buf.host, buf.device, nbytes, kind.cudaMemcpyDeviceToHost, self.stream),
+                   f"copy of '{spec.name}' to the host")
+        _check(cudart.cudaStreamSynchronize(self.stream), "stream synchronisation")
+        for spec in self.outputs:
+            shape, _ = shapes[spec.name]
+            out[spec.name] = self._buffers[spec.name].host_view(np.dtype(spec.dtype), shape).copy()
+        return out
+
+    def close(self) -> None:
+        """Free the buffers and the stream (also on garbage collection)."""
+        for buf in getattr(self, "_buffers", {}).values():
+            buf.free()
+        if getattr(self, "stream", None):
+            self.cudart.cudaStreamDestroy(self.stream)
+            self.stream = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: cuda-python may be gone already
+            pass
