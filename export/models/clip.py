@@ -136,6 +136,26 @@ def checkpoint_type(folder: str | Path) -> str:
     return model_type
 
 
+def load_folder_tokenizer(folder: Path, *, slow_ok: tuple[str, ...] = ()):
+    """A checkpoint folder's tokenizer, which must have a fast `tokenizers` form (the runtime reads tokenizer.json)
+    unless its class is in ``slow_ok`` (converted by the caller).
+
+    Raises:
+        ExportError: No tokenizer, or one without a fast form.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as e:
+        raise ExportError(f"'{folder}': no usable tokenizer ({type(e).__name__}: {e}). Save the model's "
+                          "tokenizer into the folder with tokenizer.save_pretrained(folder).") from e
+    if getattr(tok, "backend_tokenizer", None) is None and type(tok).__name__ not in slow_ok:
+        raise ExportError(f"'{folder}': the tokenizer ({type(tok).__name__}) has no fast `tokenizers` form, "
+                          "which the runtime reads. Save a fast tokenizer (tokenizer.json) into the folder.")
+    return tok
+
+
 def image_preprocess_from_processor(config: dict[str, Any], image_size: int) -> ImagePreprocess:
     """Map a Hugging Face image processor config to the manifest's preprocessing.
 
@@ -232,7 +252,7 @@ class Checkpoint:
         self.logit_scale = float(model.logit_scale.detach().exp())
         self.logit_bias = float(model.logit_bias.detach()) if hasattr(model, "logit_bias") else 0.0
         self.embedding_dim = int(self.image_tower(torch.zeros(1, 3, self.image_size, self.image_size)).shape[-1])
-        self.tokenizer = self._load_tokenizer()
+        self.tokenizer = load_folder_tokenizer(self.folder, slow_ok=("SiglipTokenizer",))
         self.processor_config = self._processor_config()
         self._processor = None  # the folder's Hugging Face image processor, loaded on first use
         self.image_spec = image_preprocess_from_processor(self.processor_config, self.image_size)
@@ -242,19 +262,6 @@ class Checkpoint:
         if self.tokenizer.pad_token_id is None:
             raise ExportError(f"'{self.folder}': the tokenizer has no pad token; set one and save it again.")
         self.pad_id = int(self.tokenizer.pad_token_id)
-
-    def _load_tokenizer(self):
-        from transformers import AutoTokenizer
-
-        try:
-            tok = AutoTokenizer.from_pretrained(str(self.folder), local_files_only=True)
-        except Exception as e:
-            raise ExportError(f"'{self.folder}': no usable tokenizer ({type(e).__name__}: {e}). Save the model's "
-                              "tokenizer into the folder with tokenizer.save_pretrained(folder).") from e
-        if getattr(tok, "backend_tokenizer", None) is None and type(tok).__name__ != "SiglipTokenizer":
-            raise ExportError(f"'{self.folder}': the tokenizer ({type(tok).__name__}) has no fast `tokenizers` form, "
-                              "which the runtime reads. Save a fast tokenizer (tokenizer.json) into the folder.")
-        return tok
 
     def runtime_tokenizer(self):
         """The tokenizer as a `tokenizers.Tokenizer`, the form the runtime reads.

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from edgemm.export.models.captioner import BlipTextStep, CaptionerParts, Gpt2Step, StepDecoder, _cut
-from edgemm.export.models.clip import (check_weights, image_preprocess_from_processor, read_folder_config,
-                                      read_processor_config)
+from edgemm.export.models.clip import (check_weights, image_preprocess_from_processor, load_folder_tokenizer,
+                                      read_folder_config, read_processor_config)
 from edgemm.runtime.errors import ExportError
 
 ENCODERS = ("vit", "deit")  # VisionEncoderDecoderModel encoders edgemm exports
@@ -196,22 +196,9 @@ class CaptionCheckpoint:
         self.eos_ids = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
         self.pad_id = int(pad) if pad is not None else self.eos_ids[0]
         self.settings = generation_settings(self.generation_config, len(self.start_ids))
-        self.tokenizer = self._load_tokenizer()
+        self.tokenizer = load_folder_tokenizer(self.folder)
         self.image_spec = image_preprocess_from_processor(read_processor_config(self.folder), self.image_size)
         self._processor = None
-
-    def _load_tokenizer(self):
-        from transformers import AutoTokenizer
-
-        try:
-            tok = AutoTokenizer.from_pretrained(str(self.folder), local_files_only=True)
-        except Exception as e:
-            raise ExportError(f"'{self.folder}': no usable tokenizer ({type(e).__name__}: {e}). Save the model's "
-                              "tokenizer into the folder with tokenizer.save_pretrained(folder).") from e
-        if getattr(tok, "backend_tokenizer", None) is None:
-            raise ExportError(f"'{self.folder}': the tokenizer ({type(tok).__name__}) has no fast `tokenizers` "
-                              "form, which the runtime reads. Save a fast tokenizer (tokenizer.json) into the folder.")
-        return tok
 
     def pixels(self, images_rgb: Sequence[np.ndarray]) -> np.ndarray:
         """The folder's own Hugging Face image processor: the reference preprocessing."""
