@@ -241,3 +241,78 @@ class TensorRTBackend(Backend):
             self.close()
         except Exception:  # interpreter shutdown: cuda-python may be gone already
             pass
+
+
+def build_engine(onnx_path: str | Path, plan_path: str | Path, shapes: dict[str, tuple[tuple[int, ...], ...]], *,
+                 precision: str = "fp32", timing_cache: str | Path | None = None,
+                 workspace_bytes: int | None = None) -> dict[str, Any]:
+    """Build a plain ``.plan`` from an ONNX graph on this GPU (the caller keys, verifies and records it).
+
+    Args:
+        onnx_path: The bundle's graph.
+        plan_path: Where the engine goes (written atomically: a temporary file, then a rename).
+        shapes: One optimization profile: input → (min, opt, max) shape (``engines.graph_profile(...).shapes``).
+        precision: ``"fp32"``, ``"fp16"``, or ``"int8"`` (explicit quantization from the graph's Q/DQ nodes;
+            no implicit calibrator).
+        timing_cache: A timing cache file, read if present and written back, so rebuilds take seconds.
+        workspace_bytes: Builder workspace limit; default half the free device memory, at most 4 GiB (an 8 GB
+            Orin shares it with the CPU).
+
+    Returns:
+        What the sidecar records of the build: flags, workspace, seconds.
+
+    Raises:
+        BackendError: TensorRT or the GPU is missing, the parser rejects the graph (its errors listed),
+            or the build fails.
+    """
+    import time
+
+    if precision not in ("fp32", "fp16", "int8"):
+        raise BackendError(f"precision must be fp32, fp16 or int8, got {precision!r}.")
+    found, _ = import_tensorrt()
+    if TYPE_CHECKING:
+        trt = trt_api
+    else:
+        trt = found
+    cudart = import_cudart()
+    free, _total = _check(cudart.cudaMemGetInfo(), "memory query")
+    workspace = workspace_bytes if workspace_bytes is not None else min(int(free) // 2, 4 << 30)
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise BackendError(f"TensorRT's ONNX parser rejected '{onnx_path}': {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
+    flags = []
+    if precision in ("fp16", "int8"):
+        config.set_flag(trt.BuilderFlag.FP16)  # int8 engines keep their float parts in fp16 where faster
+        flags.append("fp16")
+    if precision == "int8":
+        config.set_flag(trt.BuilderFlag.INT8)  # honours the graph's Q/DQ scales
+        flags.append("int8")
+    profile = builder.create_optimization_profile()
+    for name, (low, opt, high) in shapes.items():
+        profile.set_shape(name, trt.Dims(list(low)), trt.Dims(list(opt)), trt.Dims(list(high)))
+    config.add_optimization_profile(profile)
+    cache_path = Path(timing_cache) if timing_cache else None
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path and cache_path.is_file() else b"")
+    config.set_timing_cache(cache, False)
+    start = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise BackendError(f"TensorRT could not build an engine from '{onnx_path}' (see its log above); with a "
+                           f"{workspace >> 20} MiB workspace.")
+    seconds = time.perf_counter() - start
+    plan_path = Path(plan_path)
+    tmp = plan_path.with_name(f".{plan_path.name}.tmp")
+    tmp.write_bytes(bytes(memoryview(serialized)))
+    tmp.replace(plan_path)
+    if cache_path is not None:
+        tmp_cache = cache_path.with_name(f".{cache_path.name}.tmp")
+        tmp_cache.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
+        tmp_cache.replace(cache_path)
+    return {"flags": flags, "workspace_bytes": workspace, "build_seconds": round(seconds, 2),
+            "tensorrt": f"{getattr(found, '__name__', 'tensorrt')} {found.__version__}"}

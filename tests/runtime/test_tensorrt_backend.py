@@ -34,8 +34,12 @@ def test_a_stub_tensorrt_namespace_does_not_count(tmp_path, monkeypatch):
     monkeypatch.delitem(sys.modules, "tensorrt", raising=False)
     if importlib.util.find_spec("tensorrt_rtx"):
         pytest.skip("TensorRT for RTX is installed here")
-    with pytest.raises(BackendError, match="tensorrt: imports but has no TensorRT runtime"):
-        trt_backend.import_tensorrt()
+    try:
+        with pytest.raises(BackendError, match="tensorrt: imports but has no TensorRT runtime"):
+            trt_backend.import_tensorrt()
+    finally:
+        sys.modules.pop("tensorrt", None)  # the empty namespace must not outlive the test
+        importlib.invalidate_caches()
 
 
 def test_no_gpu_is_one_error():
@@ -59,3 +63,13 @@ def test_the_backend_type_checks_against_the_tensorrt_api():
                          env={"PY": sys.executable, "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Success" in out.stdout
+
+
+def test_building_without_tensorrt_is_one_error(tiny_clip_bundle, tmp_path):
+    if any(importlib.util.find_spec(m) for m in ("tensorrt", "tensorrt_rtx")):
+        pytest.skip("a TensorRT module is importable here")
+    with pytest.raises(BackendError, match="TensorRT is not available"):
+        trt_backend.build_engine(tiny_clip_bundle / "image_encoder.onnx", tmp_path / "e.plan", {})
+    with pytest.raises(BackendError, match="precision must be"):
+        trt_backend.build_engine(tiny_clip_bundle / "image_encoder.onnx", tmp_path / "e.plan", {}, precision="int4")
+    assert not list(tmp_path.iterdir())  # nothing half-written
