@@ -23,7 +23,7 @@ costs what its unfinished captions cost.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -109,10 +109,6 @@ class Hypothesis:
     score: float  # sum of the chosen tokens' log-probabilities / generated_length ** length_penalty
     prompt_length: int  # how many of ``tokens`` are the decoder prompt
 
-    @property
-    def generated(self) -> list[int]:
-        return self.tokens[self.prompt_length:]
-
 
 @dataclass(frozen=True)
 class DecoderGraph:
@@ -155,10 +151,6 @@ class CachedDecoder:
             self.past[name] = np.zeros((rows, shape[1], 0, shape[3]), np.dtype(specs[name].dtype))
         self.length = 0  # positions in the cache
 
-    @property
-    def rows(self) -> int:
-        return len(next(iter(self.memory.values())))
-
     def step(self, input_ids: np.ndarray) -> np.ndarray:
         """Feed (rows, n) new token ids; returns the next-token logits (rows, vocab) as float32."""
         out = self.backend.infer({self.graph.input_ids: input_ids, **self.past, **self.memory})
@@ -199,11 +191,6 @@ class DeviceCachedDecoder(CachedDecoder):
         self._memory_host = self.memory
         self.memory = {k: backend.to_device(v, self.device) for k, v in self._memory_host.items()}
         self.past = {k: backend.to_device(v, self.device) for k, v in self.past.items()}
-        self._rows = len(next(iter(self._memory_host.values())))
-
-    @property
-    def rows(self) -> int:
-        return self._rows
 
     def step(self, input_ids: np.ndarray) -> np.ndarray:
         out = self.backend.run_bound({self.graph.input_ids: np.ascontiguousarray(input_ids, np.int64), **self.past,
@@ -217,7 +204,6 @@ class DeviceCachedDecoder(CachedDecoder):
         if memory:
             self._memory_host = {k: v[rows] for k, v in self._memory_host.items()}
             self.memory = {k: self.backend.to_device(v, self.device) for k, v in self._memory_host.items()}
-        self._rows = len(rows)
 
 
 def open_decoder(backend: Backend, graph: DecoderGraph, memory: Mapping[str, np.ndarray]) -> CachedDecoder:
@@ -396,7 +382,7 @@ class _Beams:
     finished_scores: np.ndarray  # (B, nb) their length-penalised scores (-1e9: an empty slot)
     is_finished: np.ndarray  # (B, nb) whether a slot holds a finished hypothesis
     improvable: np.ndarray  # (B, 1) whether the running beams may still beat the finished ones
-    images: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # index of each image in the batch
+    images: np.ndarray  # (B,) index of each image in the batch
 
 
 def beam_search(decoder: CachedDecoder, prompt: np.ndarray, s: GenerationSettings, eos_ids: Sequence[int],

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -402,7 +402,6 @@ class CaptionerParts:
     verify_prompt: str = "a picture of"  # the prompt conditional captioning is verified with
     question_encoder: nn.Module | None = None  # VQA: (image states, ids, mask) → question states (batch, L, width)
     verify_question: str = "what is in the picture?"  # VQA: the question answering is verified with
-    extra_files: dict[str, Any] = field(default_factory=dict)  # more JSON files for the bundle (name → object)
 
 
 def _scaled_atol(module: nn.Module, spec: ExportSpec, batches: Sequence[dict[str, np.ndarray]]) -> float:
@@ -479,7 +478,8 @@ def verify_generation(parts: CaptionerParts, graphs: GenerationGraphs, pixels: n
         if mode == "greedy":
             greedy_tokens = ours
     if parts.reference_decode is not None:
-        texts = [(graphs_decode(parts.tokenizer, t).strip(), parts.reference_decode(t).strip()) for t in greedy_tokens]
+        texts = [(parts.tokenizer.decode(list(t), skip_special_tokens=True).strip(), parts.reference_decode(t).strip())
+                 for t in greedy_tokens]
         differ = [(a, b) for a, b in texts if a != b]
         if differ:
             raise VerificationError(f"edgemm's tokenizer.json decodes a caption as {differ[0][0]!r}, the folder's "
@@ -493,10 +493,6 @@ def question_feeds(tokenizer: Any, question: str, rows: int) -> dict[str, np.nda
     """A question as the question graph takes it: the tokenizer's ids (special tokens included), all attended."""
     ids = np.tile(np.asarray(tokenizer.encode(question).ids, np.int64), (rows, 1))
     return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-
-
-def graphs_decode(tokenizer: Any, ids: Sequence[int]) -> str:
-    return tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
 def _verify_step_logits(parts: CaptionerParts, graphs: GenerationGraphs, pixels: np.ndarray,
@@ -590,8 +586,6 @@ def build_captioner_bundle(parts: CaptionerParts, out_dir: str | Path, *, overwr
                                              description="sample photos' memory with an empty and a cached past",
                                              atol=_scaled_atol(decoder, dec_spec, batches))
         parts.tokenizer.save(str(w.path("tokenizer.json")))
-        for rel, obj in parts.extra_files.items():
-            w.write_json(rel, obj)
         generation = generation_entry(g, "tokenizer.json", parts.start_ids, parts.eos_ids, parts.pad_id,
                                       parts.decoder.max_positions, prompt=parts.prompt, settings=parts.settings)
         specs = (enc_spec, q_spec, dec_spec) if vqa else (enc_spec, dec_spec)
@@ -668,7 +662,7 @@ def default_captioner_parts() -> CaptionerParts:
             raise ExportError("the built-in captioner takes no prompt.")
         memory = c.image_encoder(torch.from_numpy(pixels))
         ids = torch.tensor([start] * len(pixels))
-        kwargs = {k: v for k, v in options.items() if k != "seed"}
+        kwargs = {k: v for k, v in options.items() if k != "seed"}  # seeded sampling is not compared
         out = c.decoder.generate(input_ids=ids, encoder_outputs=memory, eos_token_id=eos[0], pad_token_id=eos[0],
                                  **kwargs)
         return [_cut(row, len(start), eos) for row in out.tolist()]

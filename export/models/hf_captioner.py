@@ -220,7 +220,7 @@ class CaptionCheckpoint:
         """transformers' ``generate()`` on preprocessed pixels: the token ids it returns, one list per image,
         cut after the first end token (transformers pads finished rows)."""
         px = torch.from_numpy(pixels)
-        kwargs = {k: (v if not isinstance(v, list) else list(v)) for k, v in settings.items() if k != "seed"}
+        kwargs = {k: v for k, v in settings.items() if k != "seed"}  # seeded sampling is not compared
         if self.kind == "blip-vqa":  # ``prompt`` is the question
             ids = torch.tensor([self.tokenizer(prompt).input_ids] * len(px))
             out = self.model.generate(input_ids=ids, pixel_values=px, **kwargs)
