@@ -48,6 +48,8 @@ class Bundle:
         if not self.path.is_dir():
             raise BundleError(f"bundle path '{self.path}' is not a directory; a bundle is a directory with a manifest.json.")
         self._root = self.path.resolve()
+        self.engines: dict[str, Path] = {}  # graph role → its TensorRT plan, once checked or built for this device
+        self.engine_options: Any = None  # the EngineOptions TensorRT builds with (native, or ONNX Runtime's provider)
         self.manifest: Manifest = read_manifest(self.path)
         fields = {rel: name for name, rel in self.manifest.named_files()}
         self._files = {rel: self._inside(rel, fields.get(rel, "files")) for rel in self.manifest.files}

@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from edgemm.runtime.errors import BackendError, InputError
 from edgemm.runtime.manifest import GraphSpec, Manifest, parse_json
@@ -201,8 +204,7 @@ def check_engine(plan: str | Path, expected: EngineKey) -> list[str]:
 
 def engine_dir(bundle_dir: str | Path, home: str | Path) -> Path:
     """Where a bundle's engines live: ``<bundle>/engines`` when the bundle is writable, else under ``home``."""
-    bundle_dir = Path(bundle_dir).resolve()
-    beside = bundle_dir / "engines"
+    beside = Path(bundle_dir).resolve() / "engines"
     try:
         beside.mkdir(exist_ok=True)
         probe = beside / ".write-test"
@@ -210,5 +212,222 @@ def engine_dir(bundle_dir: str | Path, home: str | Path) -> Path:
         probe.unlink()
         return beside
     except OSError:
-        tag = hashlib.sha256(str(bundle_dir).encode()).hexdigest()[:12]
-        return Path(home) / "engines" / f"{bundle_dir.name}-{tag}"
+        return home_engine_dir(bundle_dir, home)
+
+
+def home_engine_dir(bundle_dir: str | Path, home: str | Path) -> Path:
+    """The engine directory of a read-only bundle: under ``home``, named by the bundle's real path."""
+    bundle_dir = Path(bundle_dir).resolve()
+    tag = hashlib.sha256(str(bundle_dir).encode()).hexdigest()[:12]
+    return Path(home) / "engines" / f"{bundle_dir.name}-{tag}"
+
+
+PRECISIONS = ("fp32", "fp16", "int8")
+BUILDER_VERSION = 1  # how edgemm configures the builder; a change rebuilds every cached engine
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How TensorRT engines are built for a bundle (native backend, and ONNX Runtime's TensorRT provider)."""
+
+    precision: str | None = None  # None: the bundle's own types (strongly typed); "fp16" on an fp32 bundle: the
+    #                               builder may run layers in fp16 (TensorRT ≤ 10 only; TensorRT 11 and for RTX
+    #                               build strongly typed: quantize the bundle to fp16 instead)
+    axes: Mapping[str, Range] = field(default_factory=dict)  # (min, opt, max) per dynamic axis, over the defaults
+    rebuild: bool = True  # build missing or stale engines; False refuses them, naming every difference
+    directory: str | None = None  # the engine cache; None: <bundle>/engines, or under EDGEMM_HOME if read-only
+    workspace_mib: int | None = None  # builder workspace; None: half the free device memory, at most 4 GiB
+    images: str | None = None  # a folder of your own images to verify on (default: the sample photos)
+    device: int = 0  # CUDA device index
+    quiet: bool = False  # no progress lines on stderr while building
+
+    def __post_init__(self):
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise InputError(f"engine precision must be one of {', '.join(PRECISIONS)} (or None: the bundle's), "
+                             f"got {self.precision!r}.")
+        if self.workspace_mib is not None and (isinstance(self.workspace_mib, bool)
+                                               or not isinstance(self.workspace_mib, int) or self.workspace_mib < 16):
+            raise InputError(f"workspace_mib must be an integer of at least 16 MiB, got {self.workspace_mib!r}.")
+        if isinstance(self.device, bool) or not isinstance(self.device, int) or self.device < 0:
+            raise InputError(f"device must be a CUDA device index (0, 1, …), got {self.device!r}.")
+        for name, rng in self.axes.items():
+            if (not isinstance(rng, tuple) or len(rng) != 3 or not all(isinstance(v, int) for v in rng)
+                    or not rng[0] <= rng[1] <= rng[2] or rng[2] < 1):
+                raise InputError(f"axis range {name}={rng!r} must be (min, opt, max) with min ≤ opt ≤ max, max ≥ 1.")
+
+    def resolve(self, bundle_precision: str) -> tuple[str, list[str]]:
+        """The engine's precision and the builder flags that make it (part of its key).
+
+        Raises:
+            InputError: A precision this bundle cannot give (int8 of a float bundle, fp32 of an fp16 one).
+        """
+        precision = self.precision or bundle_precision
+        if precision == bundle_precision:  # the graph's own types: fp32, fp16 weights, or int8 Q/DQ nodes
+            flags = ["strongly-typed", *(["no-tf32"] if precision == "fp32" else [])]
+        elif precision == "fp16" and bundle_precision == "fp32":
+            flags = ["fp16"]
+        elif precision == "int8":
+            raise InputError(f"int8 engines are built from an int8 bundle's Q/DQ nodes (explicit quantization, no "
+                             f"calibrator), and this bundle is {bundle_precision}. Quantize it first (edgemm quantize "
+                             "BUNDLE --precision int8 --activations int8 -o BUNDLE-int8), or build fp16.")
+        else:
+            raise InputError(f"this bundle is {bundle_precision}; its engines are {bundle_precision} (built from the "
+                             f"graph's own types), not {precision}. Build the fp32 bundle's engines for fp32.")
+        return precision, [f"edgemm-builder-{BUILDER_VERSION}", *flags]
+
+
+@dataclass(frozen=True)
+class Target:
+    """The TensorRT and the GPU an engine is built for."""
+
+    tensorrt: str  # module and version, e.g. "tensorrt 10.13.0.35" or "tensorrt_rtx 1.2.0.54"
+    gpu: str  # device name, e.g. "Orin (nvgpu)"
+    compute_capability: str  # e.g. "8.7"
+
+
+@dataclass(frozen=True)
+class PlannedEngine:
+    """One graph's engine: its key, where its plan lives, and why the cached one cannot be used (empty: it can)."""
+
+    role: str
+    key: EngineKey
+    plan: Path
+    reasons: list[str]
+
+
+def plan_engines(manifest: Manifest, target: Target, options: EngineOptions, directory: str | Path,
+                 roles: list[str] | None = None) -> list[PlannedEngine]:
+    """The engine each graph needs on ``target``, and whether the cache already holds it.
+
+    Raises:
+        InputError: A bad axis override, or a precision the bundle cannot give (:meth:`EngineOptions.resolve`).
+    """
+    precision, flags = options.resolve(manifest.precision)
+    ranges = axis_ranges(manifest, options.axes)
+    planned = []
+    for role in roles or list(manifest.graphs):
+        graph = manifest.graphs[role]
+        key = EngineKey(role=role, onnx_sha256=manifest.files.get(graph.file, ""), precision=precision,
+                        tensorrt=target.tensorrt, gpu=target.gpu, compute_capability=target.compute_capability,
+                        profile=graph_profile(graph, ranges).to_dict(), flags=flags)
+        plan = Path(directory) / f"{key.file_stem()}.plan"
+        planned.append(PlannedEngine(role, key, plan, check_engine(plan, key)))
+    return planned
+
+
+def refusal(planned: list[PlannedEngine]) -> str:
+    """Why engines cannot be used with rebuilding off, graph by graph."""
+    lines = [f"  {p.role}: " + "; ".join(p.reasons) for p in planned if p.reasons]
+    return ("TensorRT engines are missing or stale, and rebuilding is off (rebuild=False / --no-rebuild):\n"
+            + "\n".join(lines) + "\nBuild them on this device: edgemm engine build BUNDLE.")
+
+
+def shape_string(shapes: Mapping[str, tuple[int, ...]]) -> str:
+    """ONNX Runtime's TensorRT profile syntax: ``"pixels:1x3x224x224,input_ids:1x16"``."""
+    return ",".join(f"{name}:{'x'.join(str(d) for d in shape)}" for name, shape in sorted(shapes.items()))
+
+
+def tensorrt_provider_options(profile: Profile, cache_dir: str | Path, options: EngineOptions,
+                              bundle_precision: str) -> dict[str, str]:
+    """Options for ONNX Runtime's TensorRT execution provider, so that it does not rebuild at every start.
+
+    Engines and the timing cache persist under ``cache_dir``; the profile is
+    explicit (the manifest's axes), so ONNX Runtime builds one engine that covers
+    every batch in range instead of a new one whenever a larger shape arrives.
+    With fp16 and int8 off, ONNX Runtime builds strongly typed: an fp16 bundle runs
+    in fp16 and an int8 bundle by its Q/DQ scales. ``precision="fp16"`` on an fp32
+    bundle turns the provider's fp16 flag on.
+
+    Raises:
+        InputError: A precision the bundle cannot give.
+    """
+    _, flags = options.resolve(bundle_precision)
+    cache = str(Path(cache_dir))
+    out = {
+        "device_id": str(options.device),
+        "trt_engine_cache_enable": "True",
+        "trt_engine_cache_path": cache,
+        "trt_timing_cache_enable": "True",
+        "trt_timing_cache_path": cache,
+        "trt_fp16_enable": "True" if "fp16" in flags else "False",
+        "trt_int8_enable": "False",  # int8 comes from the Q/DQ nodes of a strongly typed build, not a calibrator
+        "trt_profile_min_shapes": shape_string({n: s[0] for n, s in profile.shapes.items()}),
+        "trt_profile_opt_shapes": shape_string({n: s[1] for n, s in profile.shapes.items()}),
+        "trt_profile_max_shapes": shape_string({n: s[2] for n, s in profile.shapes.items()}),
+    }
+    if options.workspace_mib is not None:
+        out["trt_max_workspace_size"] = str(options.workspace_mib << 20)
+    return out
+
+
+@dataclass(frozen=True)
+class EngineGate:
+    """What an engine must reproduce of ONNX Runtime's outputs on the verification inputs to be kept."""
+
+    max_rel_diff: float | None = None  # max abs diff / max(1, max |reference|), per output (fp32)
+    min_cosine: float | None = None  # worst per-row cosine of every float output (fp16, int8)
+    min_agreement: float | None = None  # top-1 agreement of score outputs: class probabilities, logits (fp16, int8)
+
+
+# fp32 is TF32-off TensorRT against ONNX Runtime's fp32: only summation order differs.
+ENGINE_GATES = {
+    "fp32": EngineGate(max_rel_diff=1e-3),
+    "fp16": EngineGate(min_cosine=0.995, min_agreement=0.95),
+    "int8": EngineGate(min_cosine=0.98, min_agreement=0.90),
+}
+
+
+class OutputComparison:
+    """Running figures of one graph's engine outputs against the reference's, over every verification call."""
+
+    def __init__(self, scores: set[str]):
+        self.scores = scores  # outputs whose argmax is an answer (class probabilities, next-token logits)
+        self.figures: dict[str, dict[str, float]] = {}
+        self.calls = 0
+
+    def add(self, reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray]) -> None:
+        self.calls += 1
+        for name, ref in reference.items():
+            got = candidate[name]
+            if got.shape != ref.shape:
+                raise BackendError(f"engine output '{name}' has shape {got.shape}, ONNX Runtime's {ref.shape}.")
+            f = self.figures.setdefault(name, {"max_abs_diff": 0.0, "scale": 0.0, "cosine_min": 1.0,
+                                               "matches": 0, "rows": 0})
+            if ref.size == 0 or ref.dtype.kind not in "fc":
+                f["max_abs_diff"] = max(f["max_abs_diff"], float(np.abs(ref.astype(np.int64) - got).max(initial=0)))
+                continue
+            r, g = ref.astype(np.float64), got.astype(np.float64)
+            if not np.isfinite(g).all():
+                f["max_abs_diff"] = math.inf
+                f["cosine_min"] = -1.0
+                continue
+            f["max_abs_diff"] = max(f["max_abs_diff"], float(np.abs(r - g).max()))
+            f["scale"] = max(f["scale"], float(np.abs(r).max()))
+            rows_r, rows_g = r.reshape(len(r), -1), g.reshape(len(g), -1)
+            norms = np.linalg.norm(rows_r, axis=1) * np.linalg.norm(rows_g, axis=1)
+            both_zero = (np.linalg.norm(rows_r, axis=1) == 0) & (np.linalg.norm(rows_g, axis=1) == 0)
+            cos = np.where(both_zero, 1.0, (rows_r * rows_g).sum(axis=1) / np.maximum(norms, 1e-30))
+            f["cosine_min"] = min(f["cosine_min"], float(cos.min()))
+            if name in self.scores:
+                f["matches"] += int((rows_r.argmax(axis=1) == rows_g.argmax(axis=1)).sum())
+                f["rows"] += len(rows_r)
+
+    def report(self, gate: EngineGate) -> dict[str, Any]:
+        """Figures per output, and whether the gate passed (with the reasons it did not)."""
+        outputs, failures = {}, []
+        for name, f in self.figures.items():
+            rel = f["max_abs_diff"] / max(1.0, f["scale"])
+            entry: dict[str, Any] = {"max_abs_diff": f["max_abs_diff"], "relative_diff": rel,
+                                     "cosine_min": f["cosine_min"]}
+            if f["rows"]:
+                entry["top1_agreement"] = f["matches"] / f["rows"]
+                entry["rows"] = int(f["rows"])
+            outputs[name] = entry
+            if gate.max_rel_diff is not None and not rel <= gate.max_rel_diff:
+                failures.append(f"{name}: relative max abs diff {rel:.3g} > {gate.max_rel_diff}")
+            if gate.min_cosine is not None and not f["cosine_min"] >= gate.min_cosine:
+                failures.append(f"{name}: worst cosine {f['cosine_min']:.5f} < {gate.min_cosine}")
+            if gate.min_agreement is not None and f["rows"] and not entry["top1_agreement"] >= gate.min_agreement:
+                failures.append(f"{name}: top-1 agreement {entry['top1_agreement']:.1%} < {gate.min_agreement:.0%}")
+        return {"reference": "onnxruntime cpu", "calls": self.calls, "gate": asdict(gate), "outputs": outputs,
+                "passed": not failures, "failures": failures}

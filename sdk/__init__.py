@@ -14,6 +14,7 @@ from edgemm._caption import Caption, Captioner
 from edgemm._fusion import FusionModel
 from edgemm._index import Hit, VectorIndex
 from edgemm._model import DualEncoder, Prediction, default_bundle_dir, load
+from edgemm.runtime.engines import EngineOptions
 from edgemm.runtime.limits import LIMITS as limits
 from edgemm.runtime.errors import (
     BackendError,
@@ -38,6 +39,7 @@ __all__ = [
     "Captioner",
     "DualEncoder",
     "EdgemmError",
+    "EngineOptions",
     "ExportError",
     "FusionModel",
     "Hit",

@@ -159,6 +159,14 @@ class AudioVisual(DualEncoder):
         outputs = self.audio_backend.infer({"waveform": self.audio_preprocess.tile(mono)})
         return {k: v[0] for k, v in outputs.items()}, len(mono) / self.audio_preprocess.spec.sample_rate
 
+    def _exercise(self, images: list[np.ndarray]) -> None:
+        super()._exercise(images)
+        rate = self.audio_preprocess.spec.sample_rate
+        t = np.arange(2 * rate) / rate  # two seconds: a chord, a sweep and noise, deterministic
+        rng = np.random.default_rng(0)
+        wave = 0.3 * np.sin(2 * np.pi * 440 * t) + 0.2 * np.sin(2 * np.pi * (200 + 400 * t) * t)
+        self.audio_outputs((wave + 0.05 * rng.standard_normal(len(t))).astype(np.float32), rate)
+
     # -- fusion -------------------------------------------------------------------
 
     def _fuse(self, video: np.ndarray | None, audio: np.ndarray | None, labels: tuple[str, ...],

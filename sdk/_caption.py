@@ -227,6 +227,15 @@ class Captioner:
         if len(text) > shown:
             yield text[shown:]
 
+    def _exercise(self, images: list[np.ndarray]) -> None:
+        """The calls a TensorRT engine is verified on: a batch greedily, one image with beams (RGB images)."""
+        if self.answers_questions:
+            self.answer(images, "what is in the picture?", max_new_tokens=8, color="rgb", batch_size=len(images))
+            self.answer(images[:1], "what color is it?", max_new_tokens=8, num_beams=2, color="rgb")
+            return
+        self.caption(images, max_new_tokens=8, num_beams=1, color="rgb", batch_size=len(images))
+        self.caption(images[:1], max_new_tokens=8, num_beams=2, color="rgb")
+
 
 def _question_feeds(ids: list[int], rows: int) -> dict[str, np.ndarray]:
     """The question graph's token inputs: the same question for every image (transformers attends to all of it)."""

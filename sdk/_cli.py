@@ -26,7 +26,13 @@ def _load(args: argparse.Namespace, default: str = "default", *, captioner: bool
     from edgemm._caption import Captioner
     from edgemm._model import load
 
-    model = load(args.bundle, default=default, providers=tuple(args.providers.split(",")), threads=args.threads)
+    engines = None
+    if args.backend == "tensorrt" or "tensorrt" in args.providers.split(","):
+        from edgemm.runtime.engines import EngineOptions
+
+        engines = EngineOptions(precision=args.engine_precision, quiet=args.quiet)
+    model = load(args.bundle, default=default, backend=args.backend, providers=tuple(args.providers.split(",")),
+                 threads=args.threads, engines=engines)
     if isinstance(model, Captioner) != captioner:
         family = model.manifest.family
         raise InputError(f"bundle '{args.bundle}' is a {family} bundle; 'edgemm {args.command}' needs "
@@ -218,10 +224,59 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_engine(args: argparse.Namespace) -> int:
+    from edgemm._engines import ensure_engines, list_engines
+    from edgemm.runtime.bundle import Bundle
+    from edgemm.runtime.engines import EngineOptions, parse_axis_overrides, read_sidecar
+
+    if args.action == "list":
+        found = list_engines(Bundle(args.bundle_path), EngineOptions(directory=args.engine_dir))
+        if args.json:
+            _print_json(found)
+            return 0
+        print(_engine_lines(found) or f"{args.bundle_path}: no engines cached")
+        return 0
+    options = EngineOptions(precision=args.precision, axes=parse_axis_overrides(args.axis),
+                            rebuild=not args.no_rebuild, directory=args.engine_dir, workspace_mib=args.workspace_mib,
+                            images=args.images, device=args.device, quiet=args.quiet)
+    bundle = Bundle(args.bundle_path)
+
+    def progress(line: str) -> None:
+        print(f"edgemm: {line}", file=sys.stderr, flush=True)
+
+    engines = ensure_engines(bundle, options, progress=None if args.quiet else progress)
+    records = {role: read_sidecar(plan.with_suffix(".json"))[1] for role, plan in engines.items()}
+    if args.json:
+        _print_json({role: {"plan": str(plan), **records[role]} for role, plan in engines.items()})
+        return 0
+    for role, plan in engines.items():
+        print(f"{role}: {plan}")
+    return 0
+
+
+def _engine_lines(found: list[dict[str, Any]]) -> str:
+    """``edgemm engine list`` / ``edgemm info``: one line per cached engine, with how it was verified."""
+    lines = []
+    for e in found:
+        if "error" in e:
+            lines.append(f"  {e['sidecar']}: unreadable ({e['error']})")
+            continue
+        k, v = e["key"], e.get("verification") or {}
+        figures = "; ".join(
+            f"{name} cosine {f['cosine_min']:.5f}, rel diff {f['relative_diff']:.2g}"
+            + (f", top-1 {f['top1_agreement']:.1%}" if "top1_agreement" in f else "")
+            for name, f in (v.get("outputs") or {}).items())
+        state = ("" if e["present"] else " (plan missing)") + ("" if e["matches_bundle"] else " (stale: graph changed)")
+        lines.append(f"  {k['role']} {k['precision']} for {k['gpu']} (sm {k['compute_capability']}, {k['tensorrt']})"
+                     f"{state}: built in {e['build_seconds']} s; verified on {v.get('inputs', '?')}: {figures}")
+    return "\n".join(lines)
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from edgemm.runtime.bundle import Bundle
 
-    m = Bundle(args.bundle_path, check_hashes=not args.no_verify).manifest
+    bundle = Bundle(args.bundle_path, check_hashes=not args.no_verify)
+    m = bundle.manifest
     if args.json:
         _print_json(m.to_dict())
         return 0
@@ -265,6 +320,11 @@ def cmd_info(args: argparse.Namespace) -> int:
               f"{'takes' if g.prompt else 'no'} prompt; defaults: {settings or 'transformers defaults'}")
         if "generation" in m.verification:
             print(f"  {_generation_summary(m.verification['generation'])}")
+    from edgemm._engines import list_engines
+
+    engines = _engine_lines(list_engines(bundle))
+    if engines:
+        print("  TensorRT engines:\n" + engines)
     scoring = f"scoring: {m.scoring.kind}; " if m.scoring else ""
     print(f"  {scoring}files: {len(m.files)} (sha256 checked: {not args.no_verify})")
     print(f"  made with: {', '.join(f'{k} {v}' for k, v in m.tools.items())}; created {m.created}")
@@ -625,6 +685,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--bundle", default=None, help="bundle directory (default: the default model, built on first use)")
         p.add_argument("--providers", default="cpu", help="ONNX Runtime providers, comma-separated: cpu, cuda, tensorrt")
         p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
+        p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"),
+                       help="tensorrt: native engines, built, verified and cached on first use")
+        p.add_argument("--engine-precision", default=None, choices=("fp32", "fp16", "int8"),
+                       help="TensorRT engines' precision (default: the bundle's own types)")
         p.add_argument("--json", action="store_true", help="print JSON")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
@@ -669,6 +733,31 @@ def build_parser() -> argparse.ArgumentParser:
     from edgemm._bench import add_parser as add_bench_parser
 
     add_bench_parser(sub)
+
+    p = sub.add_parser("engine", help="TensorRT engines of a bundle: build them on this device, or list the cache")
+    esub = p.add_subparsers(dest="action", required=True)
+    for action, text in (("build", "build, verify against ONNX Runtime and cache the bundle's engines (cached, valid "
+                                    "ones are kept)"),
+                         ("list", "list the cached engines and their sidecars")):
+        q = esub.add_parser(action, help=text)
+        q.add_argument("bundle_path")
+        q.add_argument("--engine-dir", default=None, help="engine cache (default: BUNDLE/engines, or under "
+                                                         "$EDGEMM_HOME when the bundle is read-only)")
+        q.add_argument("--json", action="store_true")
+        if action == "build":
+            q.add_argument("--precision", default=None, choices=("fp32", "fp16", "int8"),
+                           help="default: the bundle's own types; fp16 of an fp32 bundle lets TensorRT <= 10 run "
+                                "layers in fp16")
+            q.add_argument("--axis", action="append", metavar="NAME=MIN:OPT:MAX",
+                           help="an optimization profile range, e.g. batch=1:8:32 (repeatable)")
+            q.add_argument("--no-rebuild", action="store_true", help="fail, naming every difference, instead of "
+                                                                     "rebuilding missing or stale engines")
+            q.add_argument("--workspace-mib", type=int, default=None,
+                           help="builder workspace (default: half the free device memory, at most 4096)")
+            q.add_argument("--images", default=None, help="a folder of your own images to verify the engines on")
+            q.add_argument("--device", type=int, default=0, help="CUDA device index")
+            q.add_argument("-q", "--quiet", action="store_true")
+        q.set_defaults(func=cmd_engine)
 
     p = sub.add_parser("info", help="show a bundle's manifest (and check its files)")
     p.add_argument("bundle_path")

@@ -231,5 +231,15 @@ class FusionModel(DualEncoder):
 
         return score
 
+    def _exercise(self, images: list[np.ndarray]) -> None:
+        from edgemm.runtime.datasets import SAMPLE_SENTENCES
+
+        super()._exercise(images)
+        texts = list(SAMPLE_SENTENCES[: len(images)])
+        if self.fusion.task == "matching":
+            self.match(images, texts, color="rgb")
+        else:
+            self.predict(images, texts, color="rgb")
+
 
 FAMILIES["fusion"] = FusionModel

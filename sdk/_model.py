@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -14,6 +15,7 @@ import numpy as np
 
 from edgemm.runtime.backends import Backend, open_backend
 from edgemm.runtime.bundle import Bundle
+from edgemm.runtime.engines import EngineOptions
 from edgemm.runtime.errors import BackendError, BundleError, InputError
 from edgemm.runtime.image import ImagePreprocessor
 from edgemm.runtime.text import TextTokenizer
@@ -59,15 +61,30 @@ def _check_positive_int(value: Any, name: str) -> int:
 def open_graph(bundle: Bundle, role: str, backend: str, options: dict[str, Any]) -> Backend:
     """Open one of the bundle's graphs with a model's providers, threads and spinning, checked against the manifest.
 
+    ``backend="tensorrt"`` opens the graph's engine (``bundle.engines``, set by
+    :func:`edgemm._engines.ensure_engines`); ONNX Runtime's TensorRT provider gets
+    its engine cache and profiles from the bundle (:func:`edgemm._engines.ort_provider_options`).
+    Inside :func:`edgemm._engines.recording`, every call's feeds and outputs are kept.
+
     Raises:
         BundleError: The graph does not match what the manifest declares.
+        BackendError: TensorRT was asked for and the bundle's engines were not prepared.
     """
-    opened = open_backend(bundle.graph_path(role), backend, **options)
+    from edgemm import _engines
+
+    if backend == "tensorrt":
+        if role not in bundle.engines:
+            raise BackendError(f"bundle '{bundle.path}' has no TensorRT engine for '{role}' prepared; open it with "
+                               "edgemm.load(path, backend='tensorrt'), which builds or checks them.")
+        opened = open_backend(bundle.engines[role], backend, **options)
+    else:
+        options = {**options, **_engines.ort_provider_options(bundle, role, options.get("providers", ()))}
+        opened = open_backend(bundle.graph_path(role), backend, **options)
     try:
         bundle.manifest.check_graph(role, opened.inputs, opened.outputs)
     except BundleError as e:
         raise BundleError(f"bundle '{bundle.path}': {e}. Re-export the bundle.") from None
-    return opened
+    return _engines.record(role, opened)
 
 
 def _is_batch(images: Any) -> bool:
@@ -289,6 +306,19 @@ class DualEncoder:
         return result[0] if single else result
 
 
+    # -- engine verification ------------------------------------------------------
+
+    def _exercise(self, images: list[np.ndarray]) -> None:
+        """The calls a TensorRT engine is verified on: each graph at a full batch and at batch 1 (RGB images)."""
+        from edgemm.runtime.datasets import SAMPLE_SENTENCES
+
+        self.embed_images(images, color="rgb", batch_size=len(images))
+        self.embed_images(images[:1], color="rgb")
+        texts = [self.prompt.format(label) for label in self.default_labels[:8]] + list(SAMPLE_SENTENCES[:8])
+        self.embed_texts(texts, batch_size=16)
+        self.embed_texts(texts[:1])
+
+
 FAMILIES: dict[str, type[DualEncoder]] = {"dual_encoder": DualEncoder}  # others register on import
 
 
@@ -303,8 +333,13 @@ DEFAULT_MODELS = {
 
 def default_bundle_dir(name: str = "default") -> Path:
     """Where ``edgemm.load()`` finds (or builds) a built-in model: ``$EDGEMM_HOME/bundles/<name>``."""
-    home = os.environ.get("EDGEMM_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "edgemm")
-    return Path(home) / "bundles" / name
+    from edgemm._engines import edgemm_home
+
+    return edgemm_home() / "bundles" / name
+
+
+def _to_stderr(line: str) -> None:
+    print(f"edgemm: {line}", file=sys.stderr, flush=True)
 
 
 def _build_default(name: str) -> Path:
@@ -328,7 +363,7 @@ def _build_default(name: str) -> Path:
 
 def load(path: str | os.PathLike | None = None, *, default: str = "default", backend: str = "onnxruntime",
          providers: Sequence[str] = ("cpu",), threads: int | None = None, check_hashes: bool = True,
-         spinning: bool | None = None) -> Any:
+         spinning: bool | None = None, engines: EngineOptions | None = None) -> Any:
     """Load a bundle; with no path, a built-in model (built on first use).
 
     Args:
@@ -338,13 +373,18 @@ def load(path: str | os.PathLike | None = None, *, default: str = "default", bac
         default: Which built-in model when ``path`` is ``None``: ``"default"`` (the
             dual encoder), ``"audio-visual"``, ``"matching"`` (the dual encoder
             plus an image-text matching head) or ``"captioner"``.
-        backend: Backend name (``"onnxruntime"``).
+        backend: ``"onnxruntime"``, or ``"tensorrt"``: native TensorRT engines, built on this
+            device on first use (progress on stderr), verified against ONNX Runtime and cached
+            beside the bundle; later loads check their sidecars and reuse them.
         providers: Execution providers, e.g. ``("cpu",)``, ``("cuda",)``; an unavailable one is an error.
+            ``("tensorrt", "cuda")`` gets an engine cache, a timing cache and the manifest's profiles.
         threads: Intra-op threads per graph; ``None`` uses every core.
         check_hashes: Verify every bundle file against the manifest's sha256.
         spinning: Whether ONNX Runtime's idle threads spin after a run; ``None``:
             ``DualEncoder.SPINNING`` (off: faster for every public call measured on
             a 2-core CPU; ``benchmarks/bench_spinning.py`` measures a device).
+        engines: How TensorRT engines are built (precision, axes, cache, rebuilding), for
+            ``backend="tensorrt"`` and ONNX Runtime's TensorRT provider alike.
 
     Returns:
         The model: a :class:`DualEncoder`, the family's subclass (e.g. :class:`AudioVisual`), or a
@@ -352,15 +392,23 @@ def load(path: str | os.PathLike | None = None, *, default: str = "default", bac
 
     Raises:
         BundleError: Missing, altered or unsupported bundle.
-        BackendError: The backend or a provider is unavailable.
+        BackendError: The backend or a provider is unavailable; TensorRT engines are stale and
+            ``engines.rebuild`` is off.
+        VerificationError: A newly built engine differs from ONNX Runtime beyond its gate.
     """
     if path is None:
         path = _build_default(default)
     bundle = Bundle(path, check_hashes=check_hashes)
+    bundle.engine_options = engines
     family = FAMILIES.get(bundle.manifest.family)
     if family is None:
         raise BundleError(
             f"bundle '{bundle.path}' is of family {bundle.manifest.family!r}, which this edgemm cannot run "
             f"(supported: {sorted(FAMILIES)}). Upgrade edgemm."
         )
+    if backend == "tensorrt":
+        from edgemm._engines import ensure_engines
+
+        options = engines or EngineOptions()
+        ensure_engines(bundle, options, progress=None if options.quiet else _to_stderr)
     return family(bundle, backend=backend, providers=providers, threads=threads, spinning=spinning)

@@ -44,9 +44,9 @@ def open_backend(path: str | Path, backend: str = "onnxruntime", **options) -> B
     path = Path(path)
     if backend == "tensorrt" and path.suffix == ".onnx":
         raise BackendError(f"backend 'tensorrt' runs TensorRT engines (.plan) built on the target from the ONNX "
-                           f"graphs; '{path.name}' is an ONNX graph, and building engines (edgemm engine build) is "
-                           "not in this edgemm yet. Meanwhile use backend='onnxruntime' with "
-                           "providers=('tensorrt', 'cuda') or ('cuda',).")
+                           f"graphs; '{path.name}' is an ONNX graph. Load the bundle with edgemm.load(path, "
+                           "backend='tensorrt'), which builds, verifies and caches its engines (or run edgemm engine "
+                           "build first), or use backend='onnxruntime' with providers=('tensorrt', 'cuda').")
     if path.suffix != suffix:
         raise BackendError(f"backend '{backend}' loads {suffix} files, not '{path.name}'.")
     return factory(path, **options)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,8 @@ PROVIDERS = {
     "cuda": ("CUDAExecutionProvider", "gpu"),
     "tensorrt": ("TensorrtExecutionProvider", "gpu"),
 }
+
+CUDA_DEFAULTS = {"arena_extend_strategy": "kSameAsRequested"}
 
 _ORT_TYPES = {
     "tensor(float)": "float32",
@@ -44,6 +47,10 @@ class OnnxRuntimeBackend(Backend):
             ``"tensorrt"``). Every one must be available: a missing one is an
             error, never a quiet fall back to the CPU.
         threads: Intra-op threads; ``None`` lets ONNX Runtime use every core.
+        provider_options: Short provider name → its ONNX Runtime options (e.g. the
+            TensorRT provider's engine cache and profiles, from ``edgemm._engines``).
+            The CUDA provider grows its arena by what is asked (``kSameAsRequested``)
+            unless told otherwise: on a Jetson the GPU shares the CPU's memory.
         spinning: Whether idle intra-op threads spin after a run
             (``session.intra_op.allow_spinning``); ``None`` keeps ONNX Runtime's
             default (on). Spinning threads hold the cores that the caller's next
@@ -59,7 +66,7 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, path: str | Path, *, providers: tuple[str, ...] | list[str] = ("cpu",), threads: int | None = None,
-                 spinning: bool | None = None):
+                 spinning: bool | None = None, provider_options: Mapping[str, Mapping[str, str]] | None = None):
         super().__init__()
         ort = require("onnxruntime", "onnx", "The ONNX Runtime backend")
         if not providers:
@@ -76,7 +83,9 @@ class OnnxRuntimeBackend(Backend):
                     f"(available: {sorted(available)}). Install it with: pip install 'edgemm[{extra}]' "
                     "(in place of the CPU-only onnxruntime), on a machine with the matching GPU drivers."
                 )
-            chosen.append(full)
+            extra_options = dict(CUDA_DEFAULTS if short == "cuda" else {})
+            extra_options.update((provider_options or {}).get(short, {}))
+            chosen.append((full, extra_options) if extra_options else full)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads is not None:
@@ -141,6 +150,17 @@ class OnnxRuntimeBackend(Backend):
         return {name: (v if name in keep else v.numpy()) for name, v in zip(self._output_names, values)}
 
     def _infer(self, feeds: dict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
+        if self.device != "cpu":  # inputs copied to the GPU once, outputs allocated there and copied back once
+            binding = self.session.io_binding()
+            for name, value in feeds.items():
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            for name in self._output_names:
+                binding.bind_output(name, self.device)
+            try:
+                self.session.run_with_iobinding(binding)
+            except Exception as e:  # onnxruntime's own untyped errors
+                raise BackendError(f"onnxruntime: '{self.path.name}' failed to run: {e}") from e
+            return OrderedDict(zip(self._output_names, binding.copy_outputs_to_cpu()))
         try:
             values = self.session.run(self._output_names, feeds)
         except Exception as e:  # onnxruntime's own untyped errors: a graph that fails on valid-looking feeds

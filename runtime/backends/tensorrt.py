@@ -244,7 +244,7 @@ class TensorRTBackend(Backend):
 
 
 def build_engine(onnx_path: str | Path, plan_path: str | Path, shapes: dict[str, tuple[tuple[int, ...], ...]], *,
-                 precision: str = "fp32", timing_cache: str | Path | None = None,
+                 precision: str = "fp32", strongly_typed: bool = True, timing_cache: str | Path | None = None,
                  workspace_bytes: int | None = None) -> dict[str, Any]:
     """Build a plain ``.plan`` from an ONNX graph on this GPU (the caller keys, verifies and records it).
 
@@ -252,8 +252,10 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, shapes: dict[str,
         onnx_path: The bundle's graph.
         plan_path: Where the engine goes (written atomically: a temporary file, then a rename).
         shapes: One optimization profile: input → (min, opt, max) shape (``engines.graph_profile(...).shapes``).
-        precision: ``"fp32"``, ``"fp16"``, or ``"int8"`` (explicit quantization from the graph's Q/DQ nodes;
-            no implicit calibrator).
+        precision: The engine's precision, ``"fp32"``, ``"fp16"`` or ``"int8"``.
+        strongly_typed: Build from the graph's own types (an fp16 bundle computes in fp16, an int8 bundle by its
+            Q/DQ nodes: explicit quantization, no calibrator). ``False`` with ``"fp16"``: an fp32 graph whose
+            layers the builder may run in fp16 (``BuilderFlag.FP16``; gone in TensorRT 11 and for RTX).
         timing_cache: A timing cache file, read if present and written back, so rebuilds take seconds.
         workspace_bytes: Builder workspace limit; default half the free device memory, at most 4 GiB (an 8 GB
             Orin shares it with the CPU).
@@ -262,37 +264,42 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, shapes: dict[str,
         What the sidecar records of the build: flags, workspace, seconds.
 
     Raises:
-        BackendError: TensorRT or the GPU is missing, the parser rejects the graph (its errors listed),
-            or the build fails.
+        BackendError: TensorRT or the GPU is missing, this TensorRT cannot build the precision asked, the parser
+            rejects the graph (its errors listed), or the build fails.
     """
     import time
 
     if precision not in ("fp32", "fp16", "int8"):
         raise BackendError(f"precision must be fp32, fp16 or int8, got {precision!r}.")
-    found, _ = import_tensorrt()
+    found, module = import_tensorrt()
     if TYPE_CHECKING:
         trt = trt_api
     else:
         trt = found
+    if not strongly_typed and (precision != "fp16" or not hasattr(trt.BuilderFlag, "FP16")):
+        raise BackendError(f"{module} {found.__version__} builds strongly typed networks only, so an fp32 graph "
+                           "cannot become an fp16 engine here: quantize the bundle to fp16 (edgemm quantize BUNDLE "
+                           "--precision fp16 -o BUNDLE-fp16) and build that bundle's engines.")
     cudart = import_cudart()
     free, _total = _check(cudart.cudaMemGetInfo(), "memory query")
     workspace = workspace_bytes if workspace_bytes is not None else min(int(free) // 2, 4 << 30)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)
+    flags = ["strongly-typed"] if strongly_typed else []
+    network = builder.create_network(
+        1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise BackendError(f"TensorRT's ONNX parser rejected '{onnx_path}': {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
-    flags = []
-    if precision in ("fp16", "int8"):
-        config.set_flag(trt.BuilderFlag.FP16)  # int8 engines keep their float parts in fp16 where faster
+    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)  # fp32 means fp32: TF32 matmuls drift ~1e-3 from the reference
+        flags.append("no-tf32")
+    if not strongly_typed:
+        config.set_flag(trt.BuilderFlag.FP16)
         flags.append("fp16")
-    if precision == "int8":
-        config.set_flag(trt.BuilderFlag.INT8)  # honours the graph's Q/DQ scales
-        flags.append("int8")
     profile = builder.create_optimization_profile()
     for name, (low, opt, high) in shapes.items():
         profile.set_shape(name, trt.Dims(list(low)), trt.Dims(list(opt)), trt.Dims(list(high)))
@@ -315,4 +322,4 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, shapes: dict[str,
         tmp_cache.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
         tmp_cache.replace(cache_path)
     return {"flags": flags, "workspace_bytes": workspace, "build_seconds": round(seconds, 2),
-            "tensorrt": f"{getattr(found, '__name__', 'tensorrt')} {found.__version__}"}
+            "tensorrt": f"{module} {found.__version__}"}

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-import edgemm
 from edgemm.runtime.backends import open_backend
 from edgemm.runtime.backends import tensorrt as trt_backend
 from edgemm.runtime.errors import BackendError
@@ -51,9 +50,10 @@ def test_no_gpu_is_one_error():
         trt_backend.gpu_info(cudart)
 
 
-def test_tensorrt_on_an_onnx_bundle_says_what_to_do(tiny_clip_bundle):
-    with pytest.raises(BackendError, match=r"engine build.*providers=\('tensorrt', 'cuda'\)"):
-        edgemm.load(tiny_clip_bundle, backend="tensorrt")
+def test_tensorrt_on_an_onnx_graph_says_what_to_do(tiny_clip_bundle):
+    with pytest.raises(BackendError, match=r"backend='tensorrt'.*builds, verifies and caches.*"
+                                           r"providers=\('tensorrt', 'cuda'\)"):
+        open_backend(tiny_clip_bundle / "image_encoder.onnx", "tensorrt")
 
 
 def test_the_backend_type_checks_against_the_tensorrt_api():
