@@ -19,6 +19,7 @@ PROVIDERS = {
     "tensorrt": ("TensorrtExecutionProvider", "gpu"),
 }
 
+_GATHER_GRAPHS = Path(__file__).resolve().parents[1] / "data"
 CUDA_DEFAULTS = {"arena_extend_strategy": "kSameAsRequested"}
 
 _ORT_TYPES = {
@@ -108,6 +109,7 @@ class OnnxRuntimeBackend(Backend):
         self.inputs = [_spec(a) for a in self.session.get_inputs()]
         self.outputs = [_spec(a) for a in self.session.get_outputs()]
         self._output_names = [o.name for o in self.outputs]
+        self._gather: dict[tuple[str, str], object] = {}  # (dtype, device) → the row-gather session
 
     @property
     def device(self) -> str:
@@ -148,6 +150,31 @@ class OnnxRuntimeBackend(Backend):
             raise BackendError(f"onnxruntime: '{self.path.name}' failed to run: {e}") from e
         values = binding.get_outputs()
         return {name: (v if name in keep else v.numpy()) for name, v in zip(self._output_names, values)}
+
+    def take_rows(self, value, rows: np.ndarray):
+        """Rows of an ``OrtValue`` (reordered, repeated or dropped) in a new one on the same device.
+
+        A captioner's beams reorder their cache at every step; on a GPU this keeps it
+        there (a one-node Gather graph, ``runtime/data/gather_rows.*.onnx``) instead
+        of a round trip through the host.
+        """
+        import onnxruntime as ort
+
+        dtype = {"tensor(float)": "float32", "tensor(float16)": "float16"}.get(value.data_type())
+        if dtype is None:
+            return self.to_device(value.numpy()[rows], value.device_name())
+        key = (dtype, value.device_name())
+        session = self._gather.get(key)
+        if session is None:
+            provider = "CUDAExecutionProvider" if key[1] == "cuda" else "CPUExecutionProvider"
+            session = ort.InferenceSession(str(_GATHER_GRAPHS / f"gather_rows.{dtype}.onnx"), providers=[provider])
+            self._gather[key] = session
+        binding = session.io_binding()
+        binding.bind_ortvalue_input("data", value)
+        binding.bind_cpu_input("rows", np.ascontiguousarray(rows, np.int64))
+        binding.bind_output("out", key[1])
+        session.run_with_iobinding(binding)
+        return binding.get_outputs()[0]
 
     def _infer(self, feeds: dict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
         if self.device != "cpu":  # inputs copied to the GPU once, outputs allocated there and copied back once

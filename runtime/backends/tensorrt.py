@@ -129,6 +129,30 @@ class _Buffer:
         self.nbytes, self.device, self.host = 0, 0, 0
 
 
+class DeviceArray:
+    """A tensor in device memory that a decoder's cache keeps between steps (freed on its stream when dropped)."""
+
+    def __init__(self, cudart: Any, stream: Any, shape: tuple[int, ...], dtype: np.dtype):
+        self.cudart, self.stream, self.shape, self.dtype = cudart, stream, tuple(shape), np.dtype(dtype)
+        self.nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
+        # A zero-length past still needs a valid address; stream-ordered allocation is cheap enough per step.
+        self.ptr = _check(cudart.cudaMallocAsync(max(self.nbytes, 1), stream), f"allocation of {self.nbytes} bytes")
+
+    def numpy(self) -> np.ndarray:
+        out = np.empty(self.shape, self.dtype)
+        if self.nbytes:
+            _check(self.cudart.cudaStreamSynchronize(self.stream), "stream synchronisation")
+            _check(self.cudart.cudaMemcpy(out.ctypes.data, self.ptr, self.nbytes,
+                                          self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost), "copy to the host")
+        return out
+
+    def __del__(self) -> None:
+        try:
+            self.cudart.cudaFreeAsync(self.ptr, self.stream)
+        except Exception:  # interpreter shutdown
+            pass
+
+
 class TensorRTBackend(Backend):
     """One TensorRT engine (a plain ``.plan`` file).
 
@@ -188,44 +212,91 @@ class TensorRTBackend(Backend):
                 self.outputs.append(spec)
             self._buffers[tensor] = _Buffer(self.cudart)
 
+    device = "cuda"  # where run_bound keeps what it is asked to keep
+
     def profile(self, name: str) -> list[tuple[int, ...]]:
         """(min, opt, max) shape of an input in the engine's profile."""
         return self._profiles[name]
 
+    def to_device(self, array: np.ndarray, device: str | None = None) -> DeviceArray:
+        """A numpy array copied into device memory (for state kept there between calls)."""
+        array = np.ascontiguousarray(array)
+        out = DeviceArray(self.cudart, self.stream, array.shape, array.dtype)
+        if array.nbytes:
+            _check(self.cudart.cudaMemcpyAsync(out.ptr, array.ctypes.data, array.nbytes,
+                                               self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream),
+                   "copy to the device")
+            _check(self.cudart.cudaStreamSynchronize(self.stream), "stream synchronisation")  # array may go
+        return out
+
+    def take_rows(self, value: DeviceArray, rows: np.ndarray) -> DeviceArray:
+        """Rows of a device tensor (reordered, repeated or dropped) in a new one, copied on the device."""
+        out = DeviceArray(self.cudart, self.stream, (len(rows), *value.shape[1:]), value.dtype)
+        row_bytes = value.nbytes // max(value.shape[0], 1)
+        if row_bytes:
+            kind = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+            for i, r in enumerate(np.asarray(rows, np.int64)):
+                _check(self.cudart.cudaMemcpyAsync(out.ptr + i * row_bytes, value.ptr + int(r) * row_bytes,
+                                                   row_bytes, kind, self.stream), "row copy on the device")
+        return out
+
+    def run_bound(self, feeds: dict[str, Any], keep: set[str], device: str | None = None) -> dict[str, Any]:
+        """Run with device-resident state: ``DeviceArray`` feeds are used where they are, ``keep`` outputs come
+        back as new ``DeviceArray``s (a decoder's present, the next step's past), the rest as numpy."""
+        return self._run(feeds, keep, {})
+
+    def _bind_input(self, name: str, value: Any) -> None:
+        shape = tuple(value.shape)
+        lo, _, hi = self._profiles[name]
+        if any(not a <= s <= b for a, s, b in zip(lo, shape, hi)):
+            raise InputError(f"tensorrt: input '{name}' has shape {shape}, outside the engine's profile "
+                             f"{lo} … {hi}; rebuild the engine with a wider range (edgemm engine build --axis).")
+        if not self.context.set_input_shape(name, shape):
+            raise BackendError(f"tensorrt: the engine refused input shape {shape} for '{name}'.")
+        if isinstance(value, DeviceArray):
+            self.context.set_tensor_address(name, value.ptr)
+            return
+        buf = self._buffers[name]
+        buf.ensure(value.nbytes)
+        np.copyto(buf.host_view(value.dtype, value.shape), value)
+        _check(self.cudart.cudaMemcpyAsync(buf.device, buf.host, value.nbytes,
+                                           self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream),
+               f"copy of '{name}' to the device")
+        self.context.set_tensor_address(name, buf.device)
+
     def _infer(self, feeds: dict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
+        return OrderedDict(self._run(feeds, set(), {}))
+
+    def _run(self, feeds: dict[str, Any], keep: set[str], kept: dict[str, DeviceArray]) -> dict[str, Any]:
         cudart, kind = self.cudart, self.cudart.cudaMemcpyKind
-        for name, array in feeds.items():
-            lo, _, hi = self._profiles[name]
-            if any(not a <= s <= b for a, s, b in zip(lo, array.shape, hi)):
-                raise InputError(f"tensorrt: input '{name}' has shape {array.shape}, outside the engine's profile "
-                                 f"{lo} … {hi}; rebuild the engine with a wider range (edgemm engine build --axis).")
-            if not self.context.set_input_shape(name, tuple(array.shape)):
-                raise BackendError(f"tensorrt: the engine refused input shape {array.shape} for '{name}'.")
-            buf = self._buffers[name]
-            buf.ensure(array.nbytes)
-            np.copyto(buf.host_view(array.dtype, array.shape), array)
-            _check(cudart.cudaMemcpyAsync(buf.device, buf.host, array.nbytes, kind.cudaMemcpyHostToDevice,
-                                          self.stream), f"copy of '{name}' to the device")
-            self.context.set_tensor_address(name, buf.device)
+        for name, value in feeds.items():
+            self._bind_input(name, value)
         shapes = {}
         for spec in self.outputs:
             shape = _dims(self.context.get_tensor_shape(spec.name))
             nbytes = int(np.prod(shape)) * np.dtype(spec.dtype).itemsize
-            self._buffers[spec.name].ensure(max(nbytes, 1))
-            self.context.set_tensor_address(spec.name, self._buffers[spec.name].device)
+            if spec.name in keep:
+                kept[spec.name] = DeviceArray(cudart, self.stream, shape, np.dtype(spec.dtype))
+                self.context.set_tensor_address(spec.name, kept[spec.name].ptr)
+            else:
+                self._buffers[spec.name].ensure(max(nbytes, 1))
+                self.context.set_tensor_address(spec.name, self._buffers[spec.name].device)
             shapes[spec.name] = (shape, nbytes)
         if not self.context.execute_async_v3(self.stream):
             raise BackendError(f"tensorrt: '{self.path.name}' failed to run (see TensorRT's log above).")
-        out: OrderedDict[str, np.ndarray] = OrderedDict()
         for spec in self.outputs:
             shape, nbytes = shapes[spec.name]
+            if spec.name in keep or not nbytes:
+                continue
             buf = self._buffers[spec.name]
             _check(cudart.cudaMemcpyAsync(buf.host, buf.device, nbytes, kind.cudaMemcpyDeviceToHost, self.stream),
                    f"copy of '{spec.name}' to the host")
         _check(cudart.cudaStreamSynchronize(self.stream), "stream synchronisation")
+        out: dict[str, Any] = {}
         for spec in self.outputs:
             shape, _ = shapes[spec.name]
-            out[spec.name] = self._buffers[spec.name].host_view(np.dtype(spec.dtype), shape).copy()
+            out[spec.name] = kept[spec.name] if spec.name in keep else \
+                self._buffers[spec.name].host_view(np.dtype(spec.dtype), shape).copy()
         return out
 
     def close(self) -> None:

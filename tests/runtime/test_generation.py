@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -88,3 +90,26 @@ def test_device_cache_gives_the_same_tokens(tiny_blip_bundle):
     assert isinstance(gen.open_decoder(g.decoder_backend, g.graph, g.memory(pixels[:1])), gen.CachedDecoder)
     assert not isinstance(gen.open_decoder(g.decoder_backend, g.graph, g.memory(pixels[:1])),
                           gen.DeviceCachedDecoder)  # numpy feeds on the CPU, as measured faster
+
+
+def test_the_committed_gather_graphs_are_the_scripts(tmp_path):
+    """runtime/data/gather_rows.*.onnx (the device-side row selection) are what scripts/make_gather_graphs.py writes."""
+    import runpy
+
+    from edgemm.runtime.backends import onnxruntime as ort_backend
+
+    script = runpy.run_path(str(Path(__file__).resolve().parents[2] / "scripts" / "make_gather_graphs.py"))
+    for dtype in script["DTYPES"]:
+        committed = (ort_backend._GATHER_GRAPHS / f"gather_rows.{dtype}.onnx").read_bytes()
+        assert committed == script["gather_graph"](dtype).SerializeToString()
+
+
+def test_rows_are_taken_where_the_cache_lives(tiny_blip_bundle):
+    model = edgemm.load(tiny_blip_bundle, threads=1)
+    backend = model.decoder_backend
+    for dtype in (np.float32, np.float16):
+        cache = np.arange(3 * 2 * 4 * 5, dtype=dtype).reshape(3, 2, 4, 5)
+        taken = backend.take_rows(backend.to_device(cache, "cpu"), np.array([2, 0, 0]))
+        assert taken.device_name() == "cpu" and np.array_equal(taken.numpy(), cache[[2, 0, 0]])
+    empty = backend.take_rows(backend.to_device(np.zeros((2, 2, 0, 5), np.float32), "cpu"), np.array([1]))
+    assert empty.numpy().shape == (1, 2, 0, 5)
