@@ -52,9 +52,10 @@ class Reference:
     kind = REFERENCE_KIND
 
     def __init__(self, description: str, image_tower: Callable[[Any], Any],
-                 text_tower: Callable[[Mapping[str, Any]], Any], *, device: str = "cpu"):
+                 text_tower: Callable[[Mapping[str, Any]], Any], *, device: str = "cpu", half: bool = False):
         self.description = description
         self.device = device
+        self.half = half  # the towers' weights and the pixels in fp16 (the eager baseline of an fp16 engine)
         self._image = image_tower
         self._text = text_tower
         self.unavailable: dict[str, str] = {}
@@ -71,7 +72,8 @@ class Reference:
         import torch
 
         with torch.inference_mode():
-            out = self._image(torch.from_numpy(np.ascontiguousarray(pixels, np.float32)).to(self.device))
+            out = self._image(torch.from_numpy(np.ascontiguousarray(pixels, np.float32)).to(
+                self.device, torch.float16 if self.half else torch.float32))
             return out.float().cpu().numpy()
 
     def embed_texts(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -83,37 +85,43 @@ class Reference:
             return self._text(tensors).float().cpu().numpy()
 
 
-def _default_reference(device: str) -> Reference:
+def _default_reference(device: str, half: bool) -> Reference:
+    import torch
+
     from edgemm.export.models.dual_encoder import default_towers
 
     image, text, _ = default_towers()
-    image.to(device)
-    text.tower.to(device)
+    dtype = torch.float16 if half else torch.float32
+    image.to(device, dtype)
+    text.tower.to(device, dtype)
     return Reference(
         "default towers (EfficientNet-Lite0 + all-MiniLM-L6-v2) from the packaged weights",
         lambda pixels: image(pixels)[0],  # (embedding, class probabilities)
         lambda feeds: text.tower(feeds["input_ids"], feeds["attention_mask"]),
-        device=device,
+        device=device, half=half,
     )
 
 
-def _huggingface_reference(folder: Path, device: str) -> Reference:
+def _huggingface_reference(folder: Path, device: str, half: bool) -> Reference:
+    import torch
+
     from edgemm.export.models.clip import Checkpoint
 
     ckpt = Checkpoint(folder)
-    ckpt.image_tower.to(device)
-    ckpt.text_tower.to(device)
+    dtype = torch.float16 if half else torch.float32
+    ckpt.image_tower.to(device, dtype)
+    ckpt.text_tower.to(device, dtype)
     names = ckpt.arch.text_inputs
     return Reference(
         f"{ckpt.arch.model_class} from {ckpt.folder}",
         ckpt.image_tower,
         lambda feeds: ckpt.text_tower(*(feeds[name] for name in names)),
-        device=device,
+        device=device, half=half,
     )
 
 
-def torch_reference(manifest: Manifest, *, threads: int | None = None,
-                    device: str = "cpu") -> tuple[Reference | None, str | None]:
+def torch_reference(manifest: Manifest, *, threads: int | None = None, device: str = "cpu",
+                    half: bool = False) -> tuple[Reference | None, str | None]:
     """Build the PyTorch eager reference of a bundle from its manifest's ``source``.
 
     Args:
@@ -121,6 +129,7 @@ def torch_reference(manifest: Manifest, *, threads: int | None = None,
         threads: ``torch.set_num_threads`` (and one inter-op thread), to match the
             threads the bundle runs with; ``None`` leaves torch's defaults.
         device: torch device, ``"cpu"`` or ``"cuda"``.
+        half: fp16 weights and pixels (CUDA only): the eager baseline of an fp16 bundle or engine.
 
     Returns:
         ``(reference, None)``, or ``(None, reason)`` when none can be built here;
@@ -145,6 +154,8 @@ def torch_reference(manifest: Manifest, *, threads: int | None = None,
     if device.startswith("cuda") and not torch.cuda.is_available():
         return None, (f"the reference would run on {device}, but this torch ({torch.__version__}) sees no CUDA "
                       "device; timing it on the CPU would compare devices, not runtimes")
+    if half and not device.startswith("cuda"):
+        return None, "an fp16 PyTorch reference runs on CUDA only (its CPU kernels are not what a GPU would run)"
     if threads is not None:
         torch.set_num_threads(threads)
         try:
@@ -152,7 +163,8 @@ def torch_reference(manifest: Manifest, *, threads: int | None = None,
         except RuntimeError:  # only settable before torch's first parallel work; then it stays as it was
             pass
     try:
-        reference = _default_reference(device) if kind == "default" else _huggingface_reference(folder, device)
+        reference = (_default_reference(device, half) if kind == "default"
+                     else _huggingface_reference(folder, device, half))
     except (EdgemmError, ImportError, OSError) as e:
         # e.g. the packaged weights or transformers are missing, or the folder is incomplete.
         return None, f"building the PyTorch reference failed: {type(e).__name__}: {e}"

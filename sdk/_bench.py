@@ -61,7 +61,9 @@ added, existing ones keep their meaning)::
                 stages_ms {preprocess, inference, postprocess} (p50 of each),
                 throughput_per_s, background_cpu_cores (CPU cores other processes kept busy meanwhile;
                 null off Linux), peak_rss_mib, baseline_rss_mib,
-                reference {kind: "pytorch-eager", description, device, threads, iterations,
+                engine_precision (TensorRT's, when it ran; null: the bundle's),
+                reference {kind: "pytorch-eager", description, device, precision (fp16 against fp16 engines and
+                           bundles on a GPU, else fp32), threads, iterations,
                            inference_ms_p50, edgemm_inference_ms_p50, speedup, embedding_cosine_min,
                            background_cpu_cores,
                            peak_rss_mib_combined (the worker after the reference ran: edgemm + torch)}
@@ -132,6 +134,7 @@ class BenchSettings:
     min_iters: int = 10  # timed calls each measurement makes at least
     reference: bool = True  # also time the PyTorch eager source model where it is available
     labels: tuple[str, ...] = field(default=LABELS)  # the image task's label set
+    engine_precision: str | None = None  # TensorRT engines (native or ONNX Runtime's provider); None: the bundle's
 
 
 def usable_cores() -> int:
@@ -472,14 +475,15 @@ def _row(settings: BenchSettings, bundle: str, backend: str, group: tuple[str, .
         unavailable = match.get("unavailable")  # this tower has no reference (a distilled student)
     if match is not None and unavailable is None:
         reference = {"kind": ref["kind"], "description": ref["description"], "device": ref["device"],
-                     "threads": ref["torch_threads"], "iterations": match["iterations"],
+                     "precision": ref.get("precision", "fp32"), "threads": ref["torch_threads"], "iterations": match["iterations"],
                      "inference_ms_p50": match["inference_ms_p50"],
                      "edgemm_inference_ms_p50": match["edgemm_inference_ms_p50"],
                      "speedup": match["speedup"], "embedding_cosine_min": match["embedding_cosine_min"],
                      "background_cpu_cores": match["background_cpu_cores"],
                      "peak_rss_mib_combined": ref["peak_rss_mib_with_reference"]}
-        if out["precision"] != "fp32":
-            notes.append(f"the PyTorch reference is the fp32 source model; the {out['precision']} bundle's "
+        if out["precision"] != reference["precision"]:
+            notes.append(f"the PyTorch reference is the {reference['precision']} source model; the "
+                         f"{out['precision']} bundle's "
                          f"embeddings agree with it to a minimum cosine of {match['embedding_cosine_min']:.5f}")
         if match["embedding_cosine_min"] < 0.9:
             notes.append(f"the reference's embeddings differ from the bundle's (minimum cosine "
@@ -492,6 +496,7 @@ def _row(settings: BenchSettings, bundle: str, backend: str, group: tuple[str, .
         notes.append("torch was imported before the peak memory was read, so peak MiB includes it")
     return {
         "bundle": str(Path(bundle).absolute()), "name": out["name"], "precision": out["precision"],
+        "engine_precision": settings.engine_precision if "tensorrt" in (backend, *group) else None,
         "backend": backend, "providers": list(group), "active_providers": out["active_providers"][task],
         "threads": settings.threads, "task": task, "batch": batch, "input_shape": point["input_shape"],
         "iterations": point["iterations"], "latency_ms": point["latency_ms"], "stages_ms": point["stages_ms"],
@@ -545,7 +550,7 @@ def run_bench(settings: BenchSettings, *, progress: Callable[[str], None] | None
                            "warmup": settings.warmup, "min_time": settings.min_time,
                            "min_iters": settings.min_iters, "reference": settings.reference,
                            "frames": str(frames_path) if frames_path else None, "labels": list(settings.labels),
-                           "sentences": list(SAMPLE_SENTENCES)}
+                           "sentences": list(SAMPLE_SENTENCES), "engine_precision": settings.engine_precision}
                     started = time.perf_counter()
                     out = _run_worker(job, tmp, index, threads, progress)
                     index += 1
@@ -766,6 +771,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--min-time", type=float, default=2.0, help="seconds per measurement, at least (default: 2.0)")
     p.add_argument("--min-iters", type=int, default=10, help="timed calls per measurement, at least (default: 10)")
     p.add_argument("--no-reference", action="store_true", help="skip the PyTorch eager reference")
+    p.add_argument("--engine-precision", default=None, choices=("fp32", "fp16", "int8"),
+                   help="TensorRT engines' precision, native or ONNX Runtime's provider (default: the bundle's); "
+                        "fp16 also makes the PyTorch reference fp16")
     p.add_argument("--tasks", default="image,text", help="image, text or both, comma-separated (default: both)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_bench)
@@ -789,6 +797,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         min_time=args.min_time,
         min_iters=args.min_iters,
         reference=not args.no_reference,
+        engine_precision=args.engine_precision,
     )
 
 

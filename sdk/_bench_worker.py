@@ -229,7 +229,13 @@ def run_job(job: Mapping[str, Any]) -> dict[str, Any]:
     baseline = peak_rss_mib()
 
     started = time.perf_counter()
-    model = load(job["bundle"], backend=job["backend"], providers=tuple(job["providers"]), threads=threads)
+    engines = None
+    if job["backend"] == "tensorrt" or "tensorrt" in job["providers"]:
+        from edgemm.runtime.engines import EngineOptions
+
+        engines = EngineOptions(precision=job.get("engine_precision"), quiet=True)
+    model = load(job["bundle"], backend=job["backend"], providers=tuple(job["providers"]), threads=threads,
+                 engines=engines)
     load_s = time.perf_counter() - started
     model.label_weights(labels)  # cached before timing, as a camera app's first call does
     preprocess = model.preprocess = _StageTimer(model.preprocess)
@@ -310,14 +316,16 @@ def _run_reference(job: Mapping[str, Any], model: Any, points: list[dict[str, An
                    image_inputs: Callable[[int], list[np.ndarray]],
                    text_inputs: Callable[[int], list[str]]) -> dict[str, Any]:
     """Time the PyTorch reference against the bundle's graphs, inference only, on the same arrays."""
-    gpu = any(p in GPU_PROVIDERS for p in job["providers"])
+    gpu = job["backend"] == "tensorrt" or any(p in GPU_PROVIDERS for p in job["providers"])
+    half = gpu and "fp16" in (model.manifest.precision, job.get("engine_precision"))
     try:
         from edgemm.export.reference import torch_reference
     except ImportError as e:
         return {"available": False, "reason": f"the PyTorch reference needs edgemm's export extra ({e}); "
                                               "install it with: pip install 'edgemm[export]'"}
     started = time.perf_counter()
-    reference, reason = torch_reference(model.manifest, threads=int(job["threads"]), device="cuda" if gpu else "cpu")
+    reference, reason = torch_reference(model.manifest, threads=int(job["threads"]), device="cuda" if gpu else "cpu",
+                                        half=half)
     if reference is None:
         _say(job, f"{model.manifest.name}: no PyTorch reference: {reason}")
         return {"available": False, "reason": reason}
@@ -352,7 +360,7 @@ def _run_reference(job: Mapping[str, Any], model: Any, points: list[dict[str, An
         _say(job, f"{model.manifest.name} {point['task']} batch {batch}: PyTorch {ref_p50:.2f} ms vs "
                   f"{ours_p50:.2f} ms ({ref_p50 / ours_p50:.2f}x)")
     return {"available": True, "reason": None, "kind": reference.kind, "description": reference.description,
-            "device": reference.device, "load_s": load_s, "torch_threads": _torch_threads(),
+            "device": reference.device, "precision": "fp16" if half else "fp32", "load_s": load_s, "torch_threads": _torch_threads(),
             "peak_rss_mib_with_reference": peak_rss_mib(), "points": per_point}
 
 
