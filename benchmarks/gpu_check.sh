@@ -85,6 +85,7 @@ run() {
     echo "gpu_check: the parts in $WORK/parts are missing or torn; receive every part first" >> "$LOGS/summary.txt"
     exit 1
   fi
+  rm -rf "$WORK/site"
   step install 240 bash -c "'$PY' -m pip install -q --no-index --no-deps --no-compile --target '$WORK/site' \
       '$WORK'/wheels/*.whl && '$PY' -m pip install -q --no-index --no-deps --no-build-isolation \
       --target '$WORK/site' ." || exit 1
@@ -105,31 +106,38 @@ PY
   step export 300 "$PY" -m edgemm._cli export default -o "$B/default" --force -q || exit 1
   step quantize 300 "$PY" -m edgemm._cli quantize "$B/default" --precision fp16 -o "$B/default-fp16" --force -q
   # Which provider groups run here: each one tried on the real bundle, the reason kept when it does not.
-  PROVIDER_ARGS=$("$PY" - "$B/default" 2> "$LOGS/providers.log" <<'PY'
+  "$PY" - "$B/default" "$LOGS/providers.txt" 2> "$LOGS/providers.log" <<'PY'
 import sys, edgemm
 usable = []
 for group in (("cpu",), ("cuda",), ("tensorrt", "cuda")):
     try:
         edgemm.load(sys.argv[1], providers=group).embed_texts(["a cat"])
         usable.append(",".join(group))
-    except Exception as e:
-        print(f"{','.join(group)}: not usable here: {e}", file=sys.stderr)
-print(" ".join(f"--providers {g}" for g in usable))
+    except edgemm.EdgemmError as e:
+        print(f"provider group {','.join(group)}: not usable here: {e}", file=sys.stderr)
+open(sys.argv[2], "w").write("".join(f"--providers\n{g}\n" for g in usable))
 PY
-)
-  cat "$LOGS/providers.log" >> "$LOGS/summary.txt"
+  grep -a "^provider group" "$LOGS/providers.log" >> "$LOGS/summary.txt"
+  mapfile -t PROVIDER_ARGS < "$LOGS/providers.txt"
   FP16=(); [ -f "$B/default-fp16/manifest.json" ] && FP16=("$B/default-fp16")
-  # shellcheck disable=SC2086  # PROVIDER_ARGS is a list of options
-  step bench-ort 420 "$PY" -m edgemm._cli bench "$B/default" "${FP16[@]}" $PROVIDER_ARGS --batch 1,8,32 \
+  step bench-ort 420 "$PY" -m edgemm._cli bench "$B/default" "${FP16[@]}" "${PROVIDER_ARGS[@]}" --batch 1,8,32 \
       --min-time 0.5 --min-iters 10 --report "$LOGS/bench-ort"
-  if "$PY" -c 'from edgemm._engines import detect_target; print(detect_target())' >> "$LOGS/summary.txt" 2>&1
+  if "$PY" - >> "$LOGS/summary.txt" 2>&1 <<'PY'
+import sys
+from edgemm import BackendError
+from edgemm._engines import detect_target
+try:
+    print("native TensorRT:", detect_target())
+except BackendError as e:
+    sys.exit(f"native TensorRT: {e}")
+PY
   then
     for precision in fp32 fp16; do
       step "bench-trt-$precision" 300 "$PY" -m edgemm._cli bench "$B/default" --backend tensorrt --providers tensorrt \
           --engine-precision "$precision" --batch 1,8,32 --min-time 0.5 --report "$LOGS/bench-trt-$precision"
     done
   else
-    echo "native TensorRT: not available on this machine (the reason above); not measured" >> "$LOGS/summary.txt"
+    echo "native TensorRT: not measured (the reason above)" >> "$LOGS/summary.txt"
   fi
   step gpu-tests 300 "$PY" -m pytest tests/gpu -q -rs -p no:cacheprovider
 }

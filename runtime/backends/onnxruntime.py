@@ -103,6 +103,15 @@ class OnnxRuntimeBackend(Backend):
         except Exception as e:  # onnxruntime raises its own untyped errors for corrupt files
             raise BackendError(f"onnxruntime could not load '{path}': {e}") from e
         self.providers = list(self.session.get_providers())
+        dropped = [short for short in providers if PROVIDERS[short][0] not in self.providers]
+        if dropped:  # ONNX Runtime logs a provider that fails to load and runs on what is left: never here
+            raise BackendError(
+                f"onnxruntime: provider(s) {dropped} could not start for '{Path(path).name}' (the session got "
+                f"{self.providers}; ONNX Runtime's log above says why): their libraries failed to load — CUDA "
+                "and cuDNN of the versions this onnxruntime-gpu was built for, and TensorRT for 'tensorrt' — or no "
+                "GPU is present. Install them, put their lib folders on LD_LIBRARY_PATH, or ask for "
+                "providers=('cpu',) explicitly."
+            )
         self.threads = threads
         self.spinning = spinning
         self.path = Path(path)
