@@ -303,6 +303,8 @@ def plan_engines(manifest: Manifest, target: Target, options: EngineOptions, dir
         InputError: A bad axis override, or a precision the bundle cannot give (:meth:`EngineOptions.resolve`).
     """
     precision, flags = options.resolve(manifest.precision)
+    if precision == "int8":
+        check_int8_for_tensorrt(manifest)
     ranges = axis_ranges(manifest, options.axes)
     planned = []
     for role in roles or list(manifest.graphs):
@@ -313,6 +315,23 @@ def plan_engines(manifest: Manifest, target: Target, options: EngineOptions, dir
         plan = Path(directory) / f"{key.file_stem()}.plan"
         planned.append(PlannedEngine(role, key, plan, check_engine(plan, key)))
     return planned
+
+
+def check_int8_for_tensorrt(manifest: Manifest) -> None:
+    """Refuse int8 bundles TensorRT cannot build: dynamic quantization, or uint8 (asymmetric) activations.
+
+    Raises:
+        InputError: Naming how to quantize for TensorRT instead.
+    """
+    quant = manifest.verification.get("quantization") or {}
+    mode, activations = quant.get("mode"), (quant.get("options") or {}).get("activations")
+    advice = "re-quantize it for TensorRT: edgemm quantize FP32_BUNDLE --precision int8 --activations int8 -o OUT"
+    if mode == "dynamic":
+        raise InputError(f"this int8 bundle is dynamically quantized (DynamicQuantizeLinear, MatMulInteger: ONNX "
+                         f"Runtime's CPU form), which TensorRT has no kernels for; {advice}.")
+    if activations == "uint8":
+        raise InputError(f"this int8 bundle quantizes activations as uint8 (asymmetric, for x86 CPUs); TensorRT "
+                         f"takes symmetric int8 Q/DQ only; {advice}.")
 
 
 def refusal(planned: list[PlannedEngine]) -> str:

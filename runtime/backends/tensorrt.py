@@ -338,8 +338,6 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, shapes: dict[str,
         BackendError: TensorRT or the GPU is missing, this TensorRT cannot build the precision asked, the parser
             rejects the graph (its errors listed), or the build fails.
     """
-    import time
-
     if precision not in ("fp32", "fp16", "int8"):
         raise BackendError(f"precision must be fp32, fp16 or int8, got {precision!r}.")
     found, module = import_tensorrt()
@@ -354,6 +352,32 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, shapes: dict[str,
     cudart = import_cudart()
     free, _total = _check(cudart.cudaMemGetInfo(), "memory query")
     workspace = workspace_bytes if workspace_bytes is not None else min(int(free) // 2, 4 << 30)
+    try:
+        serialized, config, flags, seconds = _build(trt, onnx_path, shapes, precision, strongly_typed, workspace,
+                                                    timing_cache)
+    except (AttributeError, TypeError, RuntimeError) as e:  # a TensorRT whose Python API differs from 10's
+        raise BackendError(f"{module} {found.__version__} could not build '{onnx_path}': {type(e).__name__}: {e}. "
+                           "edgemm builds with the TensorRT 10 API; report this with your TensorRT version.") from e
+    cache_path = Path(timing_cache) if timing_cache else None
+    plan_path = Path(plan_path)
+    tmp = plan_path.with_name(f".{plan_path.name}.tmp")
+    tmp.write_bytes(bytes(memoryview(serialized)))
+    tmp.replace(plan_path)
+    if cache_path is not None and hasattr(config, "get_timing_cache"):
+        tmp_cache = cache_path.with_name(f".{cache_path.name}.tmp")
+        tmp_cache.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
+        tmp_cache.replace(cache_path)
+    return {"flags": flags, "workspace_bytes": workspace, "build_seconds": round(seconds, 2),
+            "tensorrt": f"{module} {found.__version__}"}
+
+
+def _build(trt: Any, onnx_path: str | Path, shapes: dict[str, tuple[tuple[int, ...], ...]], precision: str,
+           strongly_typed: bool, workspace: int, timing_cache: str | Path | None) -> tuple[Any, Any, list[str], float]:
+    """Parse, configure and build; returns the serialized plan, the config, the flags set and the seconds."""
+    import time
+
+    if TYPE_CHECKING:
+        trt = trt_api
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = ["strongly-typed"] if strongly_typed else []
@@ -376,21 +400,12 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, shapes: dict[str,
         profile.set_shape(name, trt.Dims(list(low)), trt.Dims(list(opt)), trt.Dims(list(high)))
     config.add_optimization_profile(profile)
     cache_path = Path(timing_cache) if timing_cache else None
-    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path and cache_path.is_file() else b"")
-    config.set_timing_cache(cache, False)
+    if hasattr(config, "create_timing_cache"):  # TensorRT for RTX keeps a runtime cache instead
+        cache = config.create_timing_cache(cache_path.read_bytes() if cache_path and cache_path.is_file() else b"")
+        config.set_timing_cache(cache, False)
     start = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise BackendError(f"TensorRT could not build an engine from '{onnx_path}' (see its log above); with a "
                            f"{workspace >> 20} MiB workspace.")
-    seconds = time.perf_counter() - start
-    plan_path = Path(plan_path)
-    tmp = plan_path.with_name(f".{plan_path.name}.tmp")
-    tmp.write_bytes(bytes(memoryview(serialized)))
-    tmp.replace(plan_path)
-    if cache_path is not None:
-        tmp_cache = cache_path.with_name(f".{cache_path.name}.tmp")
-        tmp_cache.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
-        tmp_cache.replace(cache_path)
-    return {"flags": flags, "workspace_bytes": workspace, "build_seconds": round(seconds, 2),
-            "tensorrt": f"{module} {found.__version__}"}
+    return serialized, config, flags, time.perf_counter() - start

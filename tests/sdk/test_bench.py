@@ -23,7 +23,7 @@ from edgemm import _bench
 from edgemm.runtime.errors import BackendError, BundleError, InputError
 
 TOP_LEVEL = {"schema", "created", "device", "settings", "results", "notes"}
-ROW_KEYS = {"bundle", "name", "precision", "backend", "providers", "active_providers", "threads", "task", "batch",
+ROW_KEYS = {"bundle", "name", "precision", "engine_precision", "backend", "providers", "active_providers", "threads", "task", "batch",
             "input_shape", "iterations", "latency_ms", "stages_ms", "throughput_per_s", "background_cpu_cores",
             "peak_rss_mib",
             "baseline_rss_mib", "reference", "reference_unavailable", "notes"}
@@ -86,7 +86,7 @@ def test_report_files_are_written_and_follow_the_schema(run, bundles):
     for r in report["results"]:
         assert set(r) == ROW_KEYS
         assert r["providers"] == ["cpu"] and r["active_providers"] == ["CPUExecutionProvider"]
-        assert r["threads"] == 1 and r["backend"] == "onnxruntime"
+        assert r["threads"] == 1 and r["backend"] == "onnxruntime" and r["engine_precision"] is None
     assert {r["precision"] for r in report["results"]} == {"fp32", "fp16"}
     assert (out_dir / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

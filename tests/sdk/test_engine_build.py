@@ -81,6 +81,14 @@ def test_precisions_a_bundle_cannot_give_are_refused(tiny_clip_bundle):
         EngineOptions(precision="tf32")
 
 
+def test_int8_bundles_tensorrt_cannot_build_are_refused(tiny_clip_bundle, tmp_path):
+    from edgemm._quantize import quantize_bundle
+
+    quantize_bundle(tiny_clip_bundle, tmp_path / "dyn", precision="int8", dynamic=True, threads=1)
+    with pytest.raises(InputError, match=r"dynamically quantized.*--activations int8"):
+        plan_engines(Bundle(tmp_path / "dyn").manifest, ORIN, EngineOptions(), tmp_path)
+
+
 def test_without_tensorrt_load_says_what_to_install(tiny_clip_bundle):
     pytest.importorskip("onnxruntime")
     if _has_tensorrt():
@@ -111,6 +119,8 @@ def test_an_engine_that_drifts_fails_its_gate_with_the_figures(tiny_clip_bundle,
 
     quantized = tmp_path / "int8"
     quantize_bundle(tiny_clip_bundle, quantized, precision="int8", threads=1)
+    with pytest.raises(InputError, match=r"activations as uint8.*--activations int8"):
+        plan_engines(Bundle(quantized).manifest, ORIN, EngineOptions(), tmp_path)  # the default is for CPUs
     bundle = Bundle(tiny_clip_bundle)
     calls = _engines.record_verification_calls(bundle, _engines.verification_images(count=4)[0])
     drifted = Bundle(quantized)
