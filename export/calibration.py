@@ -35,6 +35,13 @@ from edgemm.runtime.errors import InputError
 from edgemm.runtime.image import IMAGE_SUFFIXES
 
 HOLD_OUT_EVERY = 5  # every fifth user file is held out for the gate
+# Category-level labels camera apps use: words broader than any one class, matched only through their meaning.
+CATEGORY_LABELS = (
+    "an animal", "a vehicle", "a musical instrument", "a piece of clothing", "a building", "food", "a plant",
+    "a tool", "a person", "furniture", "a toy", "an electronic device",
+)
+IMAGENET_LABEL_SETS = 8  # random 10-name sets of held-out (odd-numbered) ImageNet classes, over every gate image
+GATE_SEED = 20261203
 
 
 @dataclass
@@ -55,6 +62,13 @@ class DataSet:
     label_sets: list[tuple[list[int], list[str], list[int] | None]] = field(default_factory=list)
     retrieval: list[tuple[int, str]] = field(default_factory=list)
     describe: dict[str, str] = field(default_factory=dict)
+    label_kinds: list[str] = field(default_factory=list)  # per label set: where its labels come from (the gate's
+    #                                                        agreement is reported per kind)
+
+    def add_label_set(self, kind: str, indices: Sequence[int], labels: Sequence[str],
+                      truth: Sequence[int] | None = None) -> None:
+        self.label_sets.append((list(indices), list(labels), None if truth is None else list(truth)))
+        self.label_kinds.append(kind)
 
 
 def _class_texts() -> tuple[list[str], list[str]]:
@@ -172,11 +186,13 @@ def calibration_data(image_dir: Any = None, text_path: Any = None, *,
     if image_dir is not None:
         calib.images, held.images, calib.describe["images"] = _user_split(image_dir, "images", max_images)
     else:
-        photos = [p.image for p in sample_photos()]
+        every_photo = sample_photos()
+        gate = set(gate_photo_indices(len(every_photo)))
+        photos = [p.image for i, p in enumerate(every_photo) if i not in gate]  # the gate measures on the others
         augmented = [_augment(photos[i % len(photos)], rng) for i in range(max_images // 2)]
         fashion, _ = _fashion_images("train", 0, max_images - len(augmented))
         calib.images = augmented + fashion
-        calib.describe["images"] = (f"{len(augmented)} crops/flips of the {len(photos)} sample photos and "
+        calib.describe["images"] = (f"{len(augmented)} crops/flips of {len(photos)} even-numbered sample photos and "
                                     f"{len(fashion)} Fashion-MNIST training images")
     if text_path is not None:
         calib.texts, held.texts, calib.describe["texts"] = _user_split(text_path, "texts", max_texts)
@@ -197,44 +213,85 @@ def _emoji() -> list[tuple[str, np.ndarray]]:
         return []
 
 
-def gate_data(user_held_out: DataSet | None = None, *, fashion_images: int = 200, texts: int = 256,
-              emoji_pairs: int = 100) -> DataSet:
-    """The held-out set the accuracy gate measures on (never used for calibration).
+def lfw_faces(parity: int) -> list[np.ndarray]:
+    """scikit-image's LFW faces (its first 100 images), every other one: 0 for training, 1 for the gate."""
+    try:
+        import skimage.data as skdata
+    except ImportError:
+        return []
+    faces = skdata.lfw_subset()[:100][parity::2]
+    return [np.repeat((np.clip(f, 0.0, 1.0) * 255 + 0.5).astype(np.uint8)[:, :, None], 3, axis=2) for f in faces]
 
-    Images: the sample photos (ImageNet-style label set), Fashion-MNIST *test*
-    images (its 10 classes) and the user's held-out images (the bundle's own
-    labels). Texts: prompts and descriptions of odd-numbered ImageNet classes,
-    real sentences and the user's held-out texts. Retrieval: each sample photo
-    with its subject as the caption, and odd-numbered emoji with their Unicode
-    names (when ``fonts-noto-color-emoji`` is installed).
+
+def gate_photo_indices(count: int) -> list[int]:
+    """The sample photos the gate measures on (odd-numbered); calibration crops the others."""
+    return list(range(1, count, 2))
+
+
+def gate_data(user_held_out: DataSet | None = None, *, fashion_images: int = 200, texts: int = 256,
+              emoji_pairs: int = 100, label_pool: Sequence[str] | None = None, user_labels: Sequence[str] = ()
+              ) -> DataSet:
+    """The held-out set the accuracy gate measures on (never used for calibration or training).
+
+    Images, each kind disjoint from what calibration and distillation see: the
+    odd-numbered sample photos, Fashion-MNIST *test* images, odd-numbered emoji,
+    the odd half of scikit-image's LFW faces, and the user's held-out images.
+
+    Label sets, so that agreement is measured on the labels users pick, not on one
+    vocabulary: the photos' subjects and Fashion-MNIST's classes (with the truth),
+    the emoji's names in groups of ten (with the truth), ``IMAGENET_LABEL_SETS``
+    random sets of ten held-out ImageNet names (odd-numbered classes, or
+    ``label_pool``) and ``CATEGORY_LABELS`` over every image, and the bundle's own
+    labels (or ``user_labels``) over every image.
+
+    Texts: prompts and descriptions of odd-numbered ImageNet classes, real
+    sentences and the user's held-out texts. Retrieval: each gate photo with its
+    subject as the caption, and the emoji with their Unicode names.
     """
+    rng = np.random.default_rng(GATE_SEED)
     data = DataSet()
-    photos = sample_photos()
+    every_photo = sample_photos()
+    kept = set(gate_photo_indices(len(every_photo)))
+    photos = [p for i, p in enumerate(every_photo) if i in kept]
     data.images = [p.image for p in photos]
-    data.label_sets.append((list(range(len(photos))), list(SAMPLE_LABELS), [SAMPLE_LABELS.index(p.label) for p in photos]))
+    data.add_label_set("photos", range(len(photos)), SAMPLE_LABELS, [SAMPLE_LABELS.index(p.label) for p in photos])
     data.retrieval = [(i, f"a photo of a {p.label}.") for i, p in enumerate(photos)]
     fashion, truth = _fashion_images("test", 0, fashion_images)
     if fashion:
         start = len(data.images)
         data.images += fashion
-        data.label_sets.append((list(range(start, start + len(fashion))), list(FASHION_MNIST_CLASSES), truth))
+        data.add_label_set("fashion-mnist", range(start, start + len(fashion)), FASHION_MNIST_CLASSES, truth)
     pairs = _emoji()[1::2][:emoji_pairs]
     start = len(data.images)
     data.images += [rgb for _, rgb in pairs]
     data.retrieval += [(start + i, name) for i, (name, _) in enumerate(pairs)]
+    for g in range(0, len(pairs) - 1, 10):  # groups of ten: each emoji among nine others' names
+        group = pairs[g: g + 10]
+        data.add_label_set("emoji names", range(start + g, start + g + len(group)), [n for n, _ in group],
+                           range(len(group)))
+    faces = lfw_faces(1)
+    data.images += faces
     user_images = list(user_held_out.images) if user_held_out else []
     if user_images:
         start = len(data.images)
         data.images += user_images
-        data.label_sets.append((list(range(start, start + len(user_images))), [], None))  # the bundle's labels
+        data.add_label_set("your labels", range(start, start + len(user_images)), list(user_labels))
+    everything = range(len(data.images))
     names, descriptions = _class_texts()
-    pool = [f"a photo of a {n}." for n in names[1::2]] + descriptions[1::2]
-    data.texts = list(SAMPLE_SENTENCES) + pool[: max(0, texts - len(SAMPLE_SENTENCES))]
+    pool = list(dict.fromkeys(label_pool if label_pool is not None else names[1::2]))
+    for _ in range(IMAGENET_LABEL_SETS if len(pool) >= 10 else 0):
+        data.add_label_set("imagenet names", everything, [pool[i] for i in rng.choice(len(pool), 10, replace=False)])
+    data.add_label_set("categories", everything, CATEGORY_LABELS)
+    data.add_label_set("your labels" if user_labels else "bundle labels", everything, list(user_labels))
+    text_pool = [f"a photo of a {n}." for n in names[1::2]] + descriptions[1::2]
+    data.texts = list(SAMPLE_SENTENCES) + text_pool[: max(0, texts - len(SAMPLE_SENTENCES))]
     if user_held_out and user_held_out.texts:
         data.texts += list(user_held_out.texts)
     data.describe = {
         "images": f"{len(photos)} sample photos, {len(fashion)} Fashion-MNIST test images, {len(pairs)} emoji, "
-                  f"{len(user_images)} held-out user images",
+                  f"{len(faces)} LFW faces, {len(user_images)} held-out user images",
+        "label_sets": f"{len(data.label_sets)} label sets: " + ", ".join(
+            f"{kind} x{data.label_kinds.count(kind)}" for kind in dict.fromkeys(data.label_kinds)),
         "texts": f"{len(data.texts)} texts (sentences, odd-class prompts and descriptions"
                  f"{', held-out user texts' if user_held_out and user_held_out.texts else ''})",
         "retrieval": f"{len(photos)} sample photos captioned with their subject, {len(pairs)} emoji with their "

@@ -307,7 +307,8 @@ def default_image_data(fashion: int = 2000, picture_views: int = 24) -> ImageSet
     """Packaged images the distillation gate never measures on, with the views each gets.
 
     Fashion-MNIST *training* images (the gate uses test images), even-numbered
-    emoji (the gate's retrieval uses odd ones), the LFW faces and pictures of
+    emoji (the gate uses odd ones), the even half of the LFW faces (the gate uses the odd half), its
+    non-faces, and pictures of
     scikit-image and matplotlib that are not sample photos. Sources that are not
     installed are left out; the description says what was used.
 
@@ -323,13 +324,16 @@ def default_image_data(fashion: int = 2000, picture_views: int = 24) -> ImageSet
     try:
         import skimage.data as skdata
 
+        from edgemm.export.calibration import lfw_faces
+
         pictures = _extra_pictures()
-        faces = [_rgb(f) for f in skdata.lfw_subset()]
+        faces = lfw_faces(0) + [_rgb(f) for f in skdata.lfw_subset()[100:]]  # the gate measures on odd faces
     except ImportError:
         pictures, faces = [], []
     images += pictures + faces
     views += [picture_views] * len(pictures) + [1] * len(faces)
-    parts += [f"{len(pictures)} pictures x {picture_views} crops", f"{len(faces)} LFW faces"] if pictures else []
+    parts += [f"{len(pictures)} pictures x {picture_views} crops",
+              f"{len(faces)} LFW images (even faces, non-faces)"] if pictures else []
     emoji = [rgb for _, rgb in _emoji()[0::2]]
     images += emoji
     views += [2] * len(emoji)

@@ -448,7 +448,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     try:
         manifest, info = distill_bundle(
             args.bundle_path, args.output, tower=args.tower, student=args.student, data=args.data, options=options,
-            thresholds=DistillThresholds(mean_cosine=args.min_mean_cosine, retention=args.min_retention),
+            thresholds=DistillThresholds(mean_cosine=args.min_mean_cosine, retention=args.min_retention,
+                                         top1_agreement=args.min_agreement),
             accept_degradation=args.accept_degradation, checkpoint_dir=args.checkpoint, restart=args.restart,
             overwrite=args.force, threads=args.threads, progress=progress)
     finally:
@@ -798,6 +799,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-mean-cosine", type=float, default=0.95, help="gate: held-out embedding cosine to the teacher")
     p.add_argument("--min-retention", type=float, default=0.95, help="gate: student / teacher zero-shot top-1")
+    p.add_argument("--min-agreement", type=float, default=0.95,
+                   help="gate: the teacher's top label kept, over diverse held-out label sets and images")
     p.add_argument("--accept-degradation", action="store_true", help="write the student even if it misses the gate")
     p.add_argument("--checkpoint", help="training checkpoint folder (default: OUTPUT.distill; resumed when present)")
     p.add_argument("--restart", action="store_true", help="discard an existing checkpoint instead of resuming it")

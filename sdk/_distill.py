@@ -65,8 +65,11 @@ class DistillGateError(VerificationError):
 class DistillThresholds:
     mean_cosine: float = 0.95  # text embedding cosine to the teacher, mean over held-out texts
     retention: float = 0.95  # student zero-shot top-1 / teacher's, over the labelled evaluation sets
+    top1_agreement: float = 0.95  # the teacher's top label kept, over the gate's diverse held-out label sets
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.top1_agreement <= 1.0:
+            raise InputError(f"distill threshold top1_agreement must be in [0, 1], got {self.top1_agreement}.")
         if not -1.0 <= self.mean_cosine <= 1.0:
             raise InputError(f"distill threshold mean_cosine is a cosine in [-1, 1], got {self.mean_cosine}.")
         if self.retention < 0.0:
@@ -513,7 +516,10 @@ def distill_bundle(
         staged = w.stage(**fields)
 
         step("measuring teacher and student on held-out data")
-        gate = gate_data(pupil.user_held_out, fashion_images=eval_images)
+        # A text student's label sets come from the classes it never trained on.
+        names = [t for t in pupil.held_out if len(t.split()) <= 3] if tower == "text" else []
+        gate = gate_data(pupil.user_held_out, fashion_images=eval_images,
+                         label_pool=names if len(names) >= 40 else None)
         if tower == "text":
             gate.texts = pupil.held_out[:512]
             gate.describe["texts"] = f"{len(gate.texts)} held-out corpus texts (never trained on)"
@@ -530,6 +536,11 @@ def distill_bundle(
             failures.append(f"{tower} mean cosine {mean_cosine:.4f} < {thresholds.mean_cosine}")
         if retention["retention"] < thresholds.retention:
             failures.append(f"zero-shot retention {retention['retention']:.1%} < {thresholds.retention:.0%}")
+        if gate_report["top1_agreement"] < thresholds.top1_agreement:
+            worst = min(gate_report["agreement_by_kind"].items(), key=lambda kv: kv[1])
+            failures.append(f"top-1 agreement with the teacher {gate_report['top1_agreement']:.1%} < "
+                            f"{thresholds.top1_agreement:.0%} over {gate_report['decisions']} held-out decisions "
+                            f"(lowest: {worst[0]} {worst[1]:.1%})")
         gate_report.update(failures=failures, passed=not failures, thresholds=asdict(thresholds))
         info = {
             "tower": tower, **pupil.describe, "data": pupil.data,

@@ -42,8 +42,9 @@ class Outputs:
 
 
 def label_scores(model: DualEncoder, data) -> list[np.ndarray]:
-    """Label probabilities per label set of the gate data."""
-    return [model.scores([data.images[i] for i in indices], labels or None, color="rgb")
+    """Label probabilities per label set of the gate data (every image run once, then scored per set)."""
+    out = model._run_images(list(data.images), "rgb", 32)
+    return [model.scores_of({k: v[indices] for k, v in out.items()}, labels or None)
             for indices, labels, _truth in data.label_sets]
 
 
@@ -92,16 +93,24 @@ def compare(source: Outputs, candidate: Outputs, data, thresholds: GateThreshold
         if cos.min() < thresholds.worst_cosine:
             failures.append(f"{tower} worst cosine {cos.min():.4f} < {thresholds.worst_cosine}")
     sets = []
-    for (indices, labels, truth), s, c in zip(data.label_sets, source.scores, candidate.scores):
-        entry = {"images": len(indices), "labels": len(labels) or "bundle's own", "agreement": agreement([s], [c])}
+    kinds = list(getattr(data, "label_kinds", [])) or ["labels"] * len(data.label_sets)
+    for (indices, labels, truth), kind, s, c in zip(data.label_sets, kinds, source.scores, candidate.scores):
+        entry = {"kind": kind, "images": len(indices), "labels": len(labels) or "bundle's own",
+                 "agreement": agreement([s], [c])}
         if truth is not None:
             entry["source_top1"] = float((s.argmax(1) == np.asarray(truth)).mean())
             entry["candidate_top1"] = float((c.argmax(1) == np.asarray(truth)).mean())
         sets.append(entry)
     report["top1_agreement"] = agreement(source.scores, candidate.scores)
+    report["agreement_by_kind"] = {
+        kind: agreement([s for s, k in zip(source.scores, kinds) if k == kind],
+                        [c for c, k in zip(candidate.scores, kinds) if k == kind]) for kind in dict.fromkeys(kinds)}
+    report["decisions"] = sum(len(s) for s in source.scores)
     report["label_sets"] = sets
     if report["top1_agreement"] < thresholds.top1_agreement:
-        failures.append(f"top-1 agreement {report['top1_agreement']:.3f} < {thresholds.top1_agreement}")
+        worst = min(report["agreement_by_kind"].items(), key=lambda kv: kv[1])
+        failures.append(f"top-1 agreement {report['top1_agreement']:.3f} < {thresholds.top1_agreement} over "
+                        f"{report['decisions']} held-out decisions (lowest: {worst[0]} {worst[1]:.3f})")
     targets = [i for i, _ in data.retrieval]
     report["retrieval"] = {"source": _recall(source.image, source.captions, targets),
                            "candidate": _recall(candidate.image, candidate.captions, targets), "pairs": len(targets)}
@@ -123,17 +132,37 @@ def failing_towers(report: dict[str, Any]) -> list[str]:
     return [min(("image", "text"), key=lambda t: report[f"{t}_cosine"]["mean"])]
 
 
+def _labelled_by_kind(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The label sets with the truth known, pooled per kind (image-weighted)."""
+    out: dict[str, dict[str, Any]] = {}
+    for e in entries:
+        if "source_top1" not in e:
+            continue
+        g = out.setdefault(e.get("kind", "labels"), {"sets": 0, "images": 0, "labels": e["labels"], "source_top1": 0.0,
+                                                    "candidate_top1": 0.0, "agreement": 0.0})
+        g["sets"] += 1
+        g["images"] += e["images"]
+        for key in ("source_top1", "candidate_top1", "agreement"):
+            g[key] += e[key] * e["images"]
+    for g in out.values():
+        for key in ("source_top1", "candidate_top1", "agreement"):
+            g[key] /= max(g["images"], 1)
+    return out
+
+
 def summary(report: dict[str, Any]) -> str:
     """A few printable lines."""
     lines = [
         f"image embedding cosine: mean {report['image_cosine']['mean']:.4f}, worst {report['image_cosine']['worst']:.4f}",
         f"text embedding cosine:  mean {report['text_cosine']['mean']:.4f}, worst {report['text_cosine']['worst']:.4f}",
-        f"zero-shot top-1 agreement: {report['top1_agreement']:.1%}",
+        f"zero-shot top-1 agreement: {report['top1_agreement']:.1%} over {report.get('decisions', '?')} held-out "
+        "decisions (" + ", ".join(f"{k} {v:.1%}" for k, v in report.get("agreement_by_kind", {}).items()) + ")",
     ]
-    for entry in report["label_sets"]:
-        if "source_top1" in entry:
-            lines.append(f"  {entry['images']} images, {entry['labels']} labels: top-1 {entry['source_top1']:.1%} "
-                         f"(source) → {entry['candidate_top1']:.1%}, agreement {entry['agreement']:.1%}")
+    for kind, group in _labelled_by_kind(report["label_sets"]).items():
+        sets = f" in {group['sets']} sets" if group["sets"] > 1 else ""
+        lines.append(f"  {kind}: {group['images']} images{sets}, {group['labels']} labels: top-1 "
+                     f"{group['source_top1']:.1%} (source) → {group['candidate_top1']:.1%}, agreement "
+                     f"{group['agreement']:.1%}")
     r = report["retrieval"]
     if r["source"]:
         lines.append(f"text→image recall@1/5 on {r['pairs']} pairs: {r['source']['recall@1']:.2f}/"

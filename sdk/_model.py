@@ -261,10 +261,17 @@ class DualEncoder:
         (SigLIP), where each label gets its own independent probability.
         """
         labels = self.default_labels if labels is None else labels
-        weights = self.label_weights(labels)
+        self.label_weights(labels)  # bad labels fail before any image is run
         if not _is_batch(images):
             images = [images]
-        out = self._run_images(list(images), color, batch_size)
+        return self.scores_of(self._run_images(list(images), color, batch_size), labels)
+
+    def scores_of(self, outputs: dict[str, np.ndarray], labels: Sequence[str] | None = None) -> np.ndarray:
+        """Label probabilities from the image graph's outputs (``_run_images``): images run once, scored
+        against many label sets (the accuracy gate)."""
+        labels = self.default_labels if labels is None else labels
+        weights = self.label_weights(labels)
+        out = outputs
         if self._class_embeddings is not None:
             mass = out[self.manifest.scoring.class_output] @ weights
             return mass / np.maximum(mass.sum(axis=1, keepdims=True), 1e-30)

@@ -12,10 +12,13 @@ import edgemm
 from clirun import run_cli
 from edgemm._distill import DistillGateError, DistillThresholds, distill_bundle
 from edgemm.export.distill import DistillOptions, default_text_corpus
+from edgemm.runtime.datasets import EMOJI_FONT
 from edgemm.runtime.errors import BundleError, InputError
 
+EMOJI = 100 if EMOJI_FONT.is_file() else 0  # the gate's emoji, in name sets with the truth
+
 FAST = DistillOptions(max_steps=6, batch_size=32, checkpoint_every=1, threads=2)
-OPEN = DistillThresholds(mean_cosine=-1.0, retention=0.0)
+OPEN = DistillThresholds(mean_cosine=-1.0, retention=0.0, top1_agreement=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +45,9 @@ def test_the_student_is_an_ordinary_bundle_with_its_report(student, tiny_clip_bu
     assert info["student_parameters"] < info["teacher_parameters"]
     assert info["training"]["steps"] == 6 and info["data"]["train"] + info["data"]["held_out"] == 400
     assert info["training"]["held_out_mean_cosine"] > info["training"]["initial_mean_cosine"]
-    assert info["speed"]["student_ms"] > 0 and info["retention"]["images"] == 40 + 15
+    assert info["speed"]["student_ms"] > 0 and info["retention"]["images"] == 40 + 7 + EMOJI
     assert manifest.verification["distillation"]["gate"]["image_cosine"]["mean"] == pytest.approx(1.0)
+    assert 0.0 <= info["gate"]["top1_agreement"] <= 1.0 and "imagenet names" in info["gate"]["agreement_by_kind"]
     assert (out / "image_encoder.onnx").read_bytes() == (Path(tiny_clip_bundle) / "image_encoder.onnx").read_bytes()
     texts = ["a photo of a cat.", "a red car"]
     cos = (teacher.embed_texts(texts) * model.embed_texts(texts)).sum(1)
@@ -91,9 +95,11 @@ def test_an_interrupted_run_writes_nothing_and_resumes(tiny_clip_bundle, corpus,
 
 def test_a_student_below_the_gate_is_not_written(tiny_clip_bundle, corpus, tmp_path):
     out = tmp_path / "student"
-    with pytest.raises(DistillGateError, match="mean cosine") as failed:
+    strict = DistillThresholds(mean_cosine=0.999, top1_agreement=0.999)
+    with pytest.raises(DistillGateError, match=r"mean cosine.*top-1 agreement with the teacher \d+\.\d% < 100% over "
+                                               r"\d+ held-out decisions \(lowest: ") as failed:
         distill_bundle(tiny_clip_bundle, out, student="layers=1", data=corpus, options=FAST,
-                       thresholds=DistillThresholds(mean_cosine=0.999), eval_images=10)
+                       thresholds=strict, eval_images=10)
     assert not out.exists() and failed.value.report["passed"] is False
     assert (tmp_path / "student.distill" / "checkpoint.pt").is_file()  # kept, to resume or accept
     _, info = distill_bundle(tiny_clip_bundle, out, student="layers=1", data=corpus, options=FAST,
@@ -201,7 +207,8 @@ def test_cli_distils_the_default_image_tower_into_a_smaller_input(default_bundle
     cat = next(p.image for p in sample_photos() if p.label == "cat")
     assert model.classify(cat, labels=["cat", "rocket", "cup of coffee"], color="rgb")[0].label == "cat"
     gate = info["gate"]
-    assert gate["label_sets"][-1]["labels"] == "bundle's own"  # the folder's held-out frames are in the gate
+    mine = next(e for e in gate["label_sets"] if e["kind"] == "your labels")  # the folder's held-out frames
+    assert mine["labels"] == "bundle's own" and mine["images"] > 0
 
 
 @pytest.mark.slow

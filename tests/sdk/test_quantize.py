@@ -37,7 +37,10 @@ def test_int8_bundle_passes_the_gate_and_records_it(int8_bundle, tiny_clip_bundl
     assert gate["passed"] and gate["image_cosine"]["mean"] >= 0.99 and gate["top1_agreement"] >= 0.98
     assert 0.99 < gate["text_cosine"]["mean"] < 1.0  # measured, and really changed
     emoji_pairs = 100 if EMOJI_FONT.is_file() else 0
-    assert gate["retrieval"]["pairs"] == 15 + emoji_pairs
+    assert gate["retrieval"]["pairs"] == 7 + emoji_pairs  # the odd-numbered photos: calibration crops the others
+    kinds = {"photos", "fashion-mnist", "imagenet names", "categories", "bundle labels"} | (
+        {"emoji names"} if emoji_pairs else set())
+    assert set(gate["agreement_by_kind"]) == kinds and gate["decisions"] > 2000
     assert set(gate["retrieval"]["candidate"]) == {"recall@1", "recall@5"}
     assert manifest.verification["image_encoder"] == Bundle(tiny_clip_bundle).manifest.verification["image_encoder"]
     assert manifest.source["quantized_from"]["path"] == str(tiny_clip_bundle)
@@ -161,3 +164,26 @@ def test_recovery_blames_the_tower_whose_conversion_alone_disagrees():
     assert failing_towers(only_agreement) == ["image"]  # unmeasured: the tower further from its source
     assert failing_towers({**only_agreement, "agreement_alone": {"image": 0.99, "text": 0.96}}) == ["text"]
     assert failing_towers({**base, "passed": True, "failures": []}) == []
+
+
+def test_a_damaged_int8_graph_fails_the_gate_naming_its_agreement(int8_bundle, tiny_clip_bundle, tmp_path):
+    """One weight's dequantization scale flipped in the int8 text graph: the gate must say agreement fell."""
+    import onnx
+    from onnx import numpy_helper
+
+    from edgemm._gate import compare, measure
+    from edgemm.export.calibration import gate_data
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(int8_bundle[0], damaged)
+    model = onnx.load(damaged / "text_encoder.onnx")
+    scales = {n.input[1] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    init = next(i for i in model.graph.initializer if i.name in scales and numpy_helper.to_array(i).size > 8)
+    init.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(init), init.name))
+    onnx.save(model, damaged / "text_encoder.onnx")
+    data = gate_data()
+    report = compare(measure(edgemm.load(tiny_clip_bundle, threads=1), data),
+                     measure(edgemm.DualEncoder(Bundle(damaged, check_hashes=False), threads=1), data), data)
+    assert not report["passed"] and report["top1_agreement"] < 0.98
+    failure = next(f for f in report["failures"] if f.startswith("top-1 agreement"))
+    assert f"over {report['decisions']} held-out decisions (lowest: " in failure
