@@ -121,6 +121,25 @@ def test_held_out_data_never_meets_calibration(tmp_path):
     assert split_user_files(list(range(10))) == ([0, 1, 2, 3, 5, 6, 7, 8], [4, 9])
 
 
+def test_the_gate_images_are_not_what_calibration_or_students_see(photos):
+    """Calibration crops the even photos, the gate measures the odd ones; students train on the even LFW faces."""
+    from edgemm.export.calibration import gate_photo_indices, lfw_faces
+    from edgemm.export.distill_image import default_image_data
+
+    gate = gate_data(fashion_images=10)
+    odd = [photos[i].image for i in gate_photo_indices(len(photos))]
+    assert all(np.array_equal(a, b) for a, b in zip(gate.images, odd))
+    assert not any(np.array_equal(gate.images[0], p.image) for i, p in enumerate(photos) if i % 2 == 0)
+    held_faces, train_faces = lfw_faces(1), lfw_faces(0)
+    assert len(held_faces) == len(train_faces) == 50
+    student_images = default_image_data(fashion=0).images
+    digest = {im.tobytes() for im in student_images if im.shape == held_faces[0].shape}
+    assert all(f.tobytes() in digest for f in train_faces) and not any(f.tobytes() in digest for f in held_faces)
+    assert {gate.images[-1].tobytes()} <= {f.tobytes() for f in held_faces}  # the faces are in the gate
+    kinds = set(gate.label_kinds)
+    assert {"photos", "fashion-mnist", "imagenet names", "categories", "bundle labels"} <= kinds
+
+
 def test_calibration_accepts_any_iterable_of_images_and_texts(photos):
     images = (p.image for p in photos[:10])  # a generator, as a camera loop would give
     calib, held = calibration_data(image_dir=images, text_path=iter(f"text {i}" for i in range(10)))
