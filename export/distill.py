@@ -389,6 +389,55 @@ def cross_modal_kl(student: torch.Tensor, teacher: torch.Tensor, other: torch.Te
     return _row_kl(teacher @ other.T / temperature, student @ other.T / temperature)
 
 
+@dataclass(frozen=True)
+class LabelScorer:
+    """How the runtime turns label embeddings into each image's label probabilities, on fixed training images.
+
+    ``class_space`` (the default model): an image's probability of a label is its
+    class probabilities weighted by the label's softmax over the class text
+    embeddings at ``1 / tau`` (``DualEncoder.label_weights``). ``cosine`` (CLIP):
+    a softmax over the labels of ``logit_scale`` × cosine. A batch of texts is one
+    random label set, so the student learns the decisions the runtime makes with them.
+    """
+
+    kind: str  # "class_space" or "cosine"
+    images: torch.Tensor  # class_space: (M, C) class probabilities; cosine: (M, D) unit image embeddings
+    classes: torch.Tensor | None  # class_space: (C, D) unit class text embeddings
+    scale: float  # class_space: 1 / tau; cosine: logit_scale
+
+    @classmethod
+    def from_arrays(cls, kind: str, images: np.ndarray, classes: np.ndarray | None, scale: float) -> LabelScorer:
+        if kind not in ("class_space", "cosine"):
+            raise InputError(f"label-score distillation needs class_space or cosine scoring, not {kind!r} "
+                             "(sigmoid labels are independent: there is no distribution over a label set).")
+        return cls(kind, torch.as_tensor(np.asarray(images, np.float32)),
+                   None if classes is None else F.normalize(torch.as_tensor(np.asarray(classes, np.float32)), dim=-1),
+                   float(scale))
+
+    def digest(self) -> str:
+        h = hashlib.sha256(f"{self.kind}:{self.scale}".encode())
+        for t in (self.images, self.classes):
+            if t is not None:
+                h.update(t.numpy().tobytes())
+        return h.hexdigest()
+
+    def log_probs(self, labels: torch.Tensor) -> torch.Tensor:
+        """(B, D) unit label embeddings → (M, B) log-probabilities of each image over the B labels."""
+        if self.kind == "cosine":
+            return F.log_softmax(self.scale * self.images @ labels.T, dim=1)
+        weights = torch.softmax(self.classes @ labels.T * self.scale, dim=0)  # (C, B): each label over the classes
+        mass = (self.images @ weights).clamp_min(1e-30)
+        return mass.log() - mass.sum(1, keepdim=True).log()
+
+
+def label_kl(student: torch.Tensor, teacher: torch.Tensor, scorer: LabelScorer) -> torch.Tensor:
+    """KL(teacher ‖ student) of each image's distribution over the batch's texts taken as labels, image mean."""
+    if len(student) < 2:
+        return student.new_zeros(())
+    log_t, log_s = scorer.log_probs(teacher), scorer.log_probs(student)
+    return (log_t.exp() * (log_t - log_s)).sum(-1).mean()
+
+
 # ----------------------------------------------------------------------------------------------- data
 
 # CLIP-style prompt templates (a selection of the ImageNet templates of Radford et al. 2021).
@@ -608,6 +657,8 @@ class DistillOptions:
     similarity_temperature: float = 0.05  # softmax temperature of the in-batch similarity KL
     cross_modal_weight: float = 0.0  # weight of the KL over the other tower's embeddings (0: off; no gain seen)
     cross_modal_temperature: float = 0.05  # its softmax temperature (0.05 = the default bundle's label tau)
+    label_kl_weight: float = 0.0  # weight of the KL on the runtime's label scores of fixed images, each batch
+    #                               of texts taken as a label set (trains for agreement, not only cosine)
     train_embeddings: bool = False  # also train token/position embeddings (False: a corpus covers few words)
     dropout: bool = False  # keep the tower's dropout on while training (off: the student copies exactly)
     seed: int = 0  # seeds shuffling, dropout and the held-out split
@@ -621,7 +672,7 @@ class DistillOptions:
             if getattr(self, name) < 1:
                 raise InputError(f"distill options: {name} must be at least 1, got {getattr(self, name)}.")
         for name in ("max_steps", "patience", "checkpoint_every", "weight_decay", "cosine_weight", "mse_weight",
-                     "similarity_weight", "cross_modal_weight"):
+                     "similarity_weight", "cross_modal_weight", "label_kl_weight"):
             if getattr(self, name) < 0:
                 raise InputError(f"distill options: {name} must be 0 or more, got {getattr(self, name)}.")
         for name in ("lr", "similarity_temperature", "cross_modal_temperature"):
@@ -751,8 +802,10 @@ def _eval_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
 
 
 def _loss(student: torch.Tensor, teacher: torch.Tensor, other: torch.Tensor | None,
-          options: DistillOptions) -> torch.Tensor:
+          options: DistillOptions, scorer: LabelScorer | None = None) -> torch.Tensor:
     loss = options.cosine_weight * embedding_loss(student, teacher, options.mse_weight)
+    if scorer is not None and options.label_kl_weight:
+        loss = loss + options.label_kl_weight * label_kl(student, teacher, scorer)
     if options.similarity_weight:
         loss = loss + options.similarity_weight * similarity_kl(student, teacher, options.similarity_temperature)
     if other is not None and options.cross_modal_weight:
@@ -1041,7 +1094,8 @@ def distill_text(teacher: nn.Module, tokenizer_feeds: Feeds, student: nn.Module,
                  held_out_texts: Sequence[str], options: DistillOptions = DistillOptions(), *,
                  checkpoint_dir: str | Path | None = None, resume: bool = False, progress: Progress | None = None,
                  other_embeddings: np.ndarray | torch.Tensor | None = None,
-                 cache_dir: str | Path | None = None) -> tuple[nn.Module, DistillReport]:
+                 cache_dir: str | Path | None = None,
+                 label_scorer: LabelScorer | None = None) -> tuple[nn.Module, DistillReport]:
     """Train ``student`` so that its embeddings match ``teacher``'s.
 
     The teacher's embeddings of every text are computed once (no gradients),
@@ -1086,6 +1140,8 @@ def distill_text(teacher: nn.Module, tokenizer_feeds: Feeds, student: nn.Module,
             per text list, named by a hash of teacher, tokenizer and texts) for
             later runs and resumes on the same texts; None uses
             ``checkpoint_dir`` (and keeps nothing when that is None too).
+        label_scorer: The runtime's label scoring of fixed images, for
+            ``options.label_kl_weight`` (:class:`LabelScorer`).
 
     Returns:
         The student in eval mode holding the best epoch's weights, and the report.
@@ -1113,8 +1169,14 @@ def distill_text(teacher: nn.Module, tokenizer_feeds: Feeds, student: nn.Module,
             return _check_feeds(tokenizer_feeds([texts[j] for j in idx]))
 
         lengths = tuple(np.array([len(t) for t in texts]) for texts in (train_texts, held_out_texts))
-        task = _Task("texts", feeds, lengths, lambda out, target: _loss(out, target, other, options), other=other)
+        if options.label_kl_weight and label_scorer is None:
+            raise InputError("distill options: label_kl_weight needs a label_scorer (the runtime's scoring of "
+                             "fixed images); edgemm distill builds one from the bundle.")
+        task = _Task("texts", feeds, lengths, lambda out, target: _loss(out, target, other, options, label_scorer),
+                     other=other)
         data = _hash_texts(train_texts, held_out_texts) if folder else ""
+        if folder and label_scorer is not None and options.label_kl_weight:
+            data += ":" + label_scorer.digest()  # a resumed run must score the same images
         return train(student, _trainable(student, options), task, (targets, held_targets), options, folder,
                      identity, data, resume, progress)
 

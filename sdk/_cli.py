@@ -425,9 +425,13 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
     from edgemm.export.distill_image import IMAGE_OPTIONS
 
+    if args.tower == "image" and args.label_kl is not None:
+        raise InputError("--label-kl trains text students; an image student learns the teacher's class "
+                         "distribution already (the default model's Hinton KD).")
     options = replace(IMAGE_OPTIONS if args.tower == "image" else DistillOptions(), threads=args.threads,
                       seed=args.seed)
     changes = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr),
+                                 ("label_kl_weight", args.label_kl),
                                  ("max_steps", args.max_steps)) if v is not None}
     options = replace(options, **changes)
     bar = None
@@ -797,6 +801,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--label-kl", type=float, default=None, metavar="WEIGHT",
+                   help="text: also train on the runtime's label scores of fixed images (each batch of texts a label "
+                        "set), for agreement (default: the preset's)")
     p.add_argument("--min-mean-cosine", type=float, default=0.95, help="gate: held-out embedding cosine to the teacher")
     p.add_argument("--min-retention", type=float, default=0.95, help="gate: student / teacher zero-shot top-1")
     p.add_argument("--min-agreement", type=float, default=0.95,

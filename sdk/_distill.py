@@ -263,6 +263,23 @@ class _Student:
     user_held_out: Any = None  # the user's held-out images for the gate (a calibration DataSet)
 
 
+def label_scorer(bundle: Bundle, threads: int | None = None) -> Any:
+    """The bundle's own label scoring on the packaged calibration images (never the gate's), for label-score KL.
+
+    Raises:
+        InputError: Sigmoid scoring (no distribution over a label set).
+    """
+    from edgemm.export.calibration import calibration_data
+    from edgemm.export.distill import LabelScorer
+
+    model = DualEncoder(bundle, threads=threads)
+    s = bundle.manifest.scoring
+    outputs = model._run_images(list(calibration_data(None, None)[0].images), "rgb", 32)
+    if s.kind == "class_space":
+        return LabelScorer.from_arrays("class_space", outputs[s.class_output], model._class_embeddings, 1.0 / s.tau)
+    return LabelScorer.from_arrays(s.kind, outputs["embedding"], None, s.logit_scale)
+
+
 def _text_student(src: Bundle, student: str | None, data: Any, options: Any, folder: Path, resume: bool,
                   step: Callable[[str], None], train_progress: Any) -> _Student:
     from edgemm.export import distill as d
@@ -277,9 +294,10 @@ def _text_student(src: Bundle, student: str | None, data: Any, options: Any, fol
     teacher = teacher_of(src)
     pupil = d.text_student(teacher.tower, spec.layers, spec.ffn)
     step(f"{'resuming' if resume else 'distilling'} the text student ({student}) on {len(train_texts)} texts")
+    scorer = label_scorer(src, options.threads) if options.label_kl_weight else None
     pupil, training = d.distill_text(teacher.tower, teacher.feeds, pupil, train_texts, held_out, options,
                                      checkpoint_dir=folder, resume=resume, other_embeddings=teacher.other,
-                                     progress=train_progress)
+                                     progress=train_progress, label_scorer=scorer)
     sentences = list(SAMPLE_SENTENCES)
     return _Student(
         pupil, teacher.spec, [teacher.feeds(sentences[:1]), teacher.feeds(sentences), teacher.feeds(held_out[:64])],

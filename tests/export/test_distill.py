@@ -15,12 +15,14 @@ from edgemm.export.distill import (
     CHECKPOINT_NAME,
     DEFAULT_STUDENT,
     DistillOptions,
+    LabelScorer,
     StudentSpec,
     cross_modal_kl,
     default_layer_selection,
     default_text_corpus,
     distill_text,
     embedding_loss,
+    label_kl,
     list_text_students,
     load_checkpoint,
     parse_student_spec,
@@ -186,6 +188,52 @@ def test_similarity_kl_sees_only_the_structure():
 
 
 # ----------------------------------------------------------------------------------------------- data
+
+
+@pytest.mark.parametrize("bundle_fixture", ["default_bundle", "tiny_clip_bundle"])
+def test_the_label_score_loss_scores_labels_as_the_runtime_does(bundle_fixture, request, photos):
+    """LabelScorer on a bundle's own image outputs reproduces DualEncoder.scores, for class-space and cosine."""
+    import numpy as np
+
+    import edgemm
+    from edgemm._distill import label_scorer
+    from edgemm.runtime.bundle import Bundle
+
+    bundle = Bundle(request.getfixturevalue(bundle_fixture))
+    model = edgemm.DualEncoder(bundle, threads=1)
+    images = [p.image for p in photos[:6]]
+    labels = ["a cat", "a rocket", "a cup of coffee", "a person", "a clock"]
+    out = model._run_images(images, "rgb", 8)
+    s = bundle.manifest.scoring
+    if s.kind == "class_space":
+        scorer = LabelScorer.from_arrays("class_space", out[s.class_output], model._class_embeddings, 1 / s.tau)
+    else:
+        scorer = LabelScorer.from_arrays("cosine", out["embedding"], None, s.logit_scale)
+    ours = scorer.log_probs(torch.from_numpy(model.embed_texts([model.prompt.format(x) for x in labels]))).exp()
+    np.testing.assert_allclose(ours.numpy(), model.scores(images, labels, color="rgb"), atol=2e-5)
+    assert label_scorer(bundle, threads=1).kind == s.kind  # what edgemm distill builds, on calibration images
+
+
+def test_label_kl_is_zero_for_the_teacher_and_pulls_the_student_towards_its_decisions():
+    torch.manual_seed(0)
+    classes = F.normalize(torch.randn(50, 16), dim=-1)
+    probs = torch.softmax(3 * torch.randn(20, 50), dim=1)
+    scorer = LabelScorer.from_arrays("class_space", probs.numpy(), classes.numpy(), 20.0)
+    teacher = F.normalize(torch.randn(8, 16), dim=-1)
+    assert float(label_kl(teacher, teacher, scorer)) == pytest.approx(0.0, abs=1e-6)
+    student = F.normalize(teacher + 0.5 * torch.randn(8, 16), dim=-1).requires_grad_()
+    loss = label_kl(student, teacher, scorer)
+    loss.backward()
+    assert float(loss.detach()) > 0 and student.grad.abs().sum() > 0
+    with pytest.raises(InputError, match="sigmoid labels are independent"):
+        LabelScorer.from_arrays("sigmoid", probs.numpy(), None, 1.0)
+
+
+def test_label_kl_without_a_scorer_is_refused(tiny, texts):
+    train, held_out = texts
+    with pytest.raises(InputError, match="label_kl_weight needs a label_scorer"):
+        distill_text(tiny.text_tower, tiny.feeds, _student(tiny), train, held_out,
+                     DistillOptions(label_kl_weight=1.0))
 
 
 def test_read_corpus_from_a_file_and_a_folder(tmp_path):
