@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -193,15 +194,19 @@ def quantize_static(prepared: str | Path, dst: str | Path, feeds: Callable[[], I
 
 
 def quantize_dynamic(prepared: str | Path, dst: str | Path, *, options: Int8Options = Int8Options(),
-                     exclude: Sequence[str] = (), only: Sequence[str] | None = None) -> Path:
+                     exclude: Sequence[str] = (), only: Sequence[str] | None = None,
+                     op_types: tuple[str, ...] = ("MatMul", "Gemm")) -> Path:
     """Dynamic int8: weights quantized ahead of time, activations per batch at run time.
 
     Only MatMul/Gemm are quantized (ONNX Runtime's dynamic Conv is slower than float).
+    ``op_types=("MatMul",)`` leaves Gemms alone: ONNX Runtime turns every Gemm of a
+    graph into a MatMul with a transposed *copy* of its weight before quantizing,
+    which doubles a tied LM head (the token embedding, stored once).
     """
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
 
-    options = Int8Options(**{**asdict(options.resolved()), "op_types": ("MatMul", "Gemm")})
+    options = Int8Options(**{**asdict(options.resolved()), "op_types": tuple(op_types)})
     _quiet_ort_logging()
     targets = list(only) if only is not None else quantizable_nodes(prepared, options)
     targets = [n for n in targets if n not in set(exclude)]
@@ -212,7 +217,40 @@ def quantize_dynamic(prepared: str | Path, dst: str | Path, *, options: Int8Opti
                              extra_options={"MatMulConstBOnly": True})
     except Exception as e:
         raise ExportError(f"dynamic int8 quantization of '{prepared}' failed: {type(e).__name__}: {e}") from e
+    _untranspose_float_gemms(Path(dst))
     return Path(dst)
+
+
+def _untranspose_float_gemms(path: Path) -> None:
+    """Undo ONNX Runtime's Gemm → MatMul rewrite where the MatMul stayed float.
+
+    Dynamic quantization rewrites every Gemm as a MatMul on a transposed copy of
+    its weight, quantized or not. A float one keeps both the weight and its copy —
+    for a tied LM head, the whole token embedding twice. Such MatMuls become
+    ``Gemm(transB=1)`` on the original weight again (they came from Gemms, so
+    their input is 2-D), and the copy goes.
+    """
+    onnx = require("onnx", "export", "int8 quantization")
+    model = onnx.load(str(path))
+    inits = {i.name: i for i in model.graph.initializer}
+    changed = False
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or len(node.input) != 2:
+            continue
+        m = re.fullmatch(r"(.+)_Transposed(?:_\d+)?", node.input[1])
+        if not m or m.group(1) not in inits or node.input[1] not in inits:
+            continue
+        node.op_type = "Gemm"
+        node.input[1] = m.group(1)
+        node.attribute.append(onnx.helper.make_attribute("transB", 1))
+        changed = True
+    if not changed:
+        return
+    used = {x for n in model.graph.node for x in n.input}
+    keep = [i for i in model.graph.initializer if i.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    onnx.save(model, str(path))
 
 
 def to_fp16(src: str | Path, dst: str | Path) -> Path:

@@ -181,13 +181,62 @@ def _calibration_paths(items: list[str] | None) -> tuple[Path | None, Path | Non
     return images, texts
 
 
+def cmd_quantize_captioner(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from edgemm._caption_gate import CaptionGateThresholds, caption_gate_summary
+    from edgemm._model import default_bundle_dir
+    from edgemm._quantize_caption import quantize_captioner
+
+    if args.calibration or args.dynamic or args.all_matmuls:
+        raise InputError("a captioner quantizes dynamically (no calibration data): drop --calibration, --dynamic "
+                         "and --all-matmuls.")
+    thresholds = CaptionGateThresholds(exact_match=args.min_exact_match, token_agreement=args.min_token_agreement,
+                                       mean_similarity=args.min_similarity)
+    text_model = None
+    if (default_bundle_dir() / "manifest.json").is_file():  # the default text tower embeds the captions
+        from edgemm._model import load
+
+        text_model = load(threads=args.threads)
+    bar = tqdm(desc=f"quantize {args.precision}", unit="step", disable=args.quiet)
+
+    def progress(message: str) -> None:
+        bar.set_postfix_str(message)
+        bar.update(1)
+
+    try:
+        manifest, info = quantize_captioner(
+            args.bundle_path, args.output, precision=args.precision,
+            graphs=args.graphs.split(",") if args.graphs else None, thresholds=thresholds,
+            recover=not args.no_recover, accept_degradation=args.accept_degradation, overwrite=args.force,
+            threads=args.threads, text_model=text_model, progress=progress)
+    finally:
+        bar.close()
+    if args.json:
+        _print_json(info)
+        return 0
+    print(caption_gate_summary(info["gate"]))
+    kept = [role for role, p in info["graphs"].items() if p == "fp32"]
+    if kept:
+        print(f"kept in float: {', '.join(kept)}")
+    if info.get("note"):
+        print(f"note: {info['note']}")
+    if info.get("accepted_degradation"):
+        print("warning: the gate failed and --accept-degradation wrote the bundle anyway (recorded in its manifest)")
+    print(f"wrote {args.output} ({manifest.precision}, {info['mode']}, {info['seconds']} s)")
+    return 0
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from edgemm._gate import GateThresholds, summary
     from edgemm._quantize import quantize_bundle
     from edgemm.export.quantize import Int8Options
+    from edgemm.runtime.manifest import read_manifest
 
+    if read_manifest(args.bundle_path).family == "captioner":
+        return cmd_quantize_captioner(args)
     images, texts = _calibration_paths(args.calibration)
     options = Int8Options(activations=args.activations, method=args.calibrate_method,
                           matmul_weights_only=not args.all_matmuls)
@@ -294,7 +343,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     if m.text:
         print(f"  text: {m.text.tokenizer}, max {m.text.max_length} tokens")
     quant = m.verification.get("quantization")
-    if quant:
+    if quant and "exact_match" in quant["gate"]:  # a captioner's: gated on its captions
+        gate = quant["gate"]
+        floats = ", ".join(r for r, p in quant["graphs"].items() if p == "fp32") or "none"
+        print(f"  quantized: {quant['mode']} {quant['precision']} from {m.source.get('quantized_from', {}).get('path')}; "
+              f"gate {'passed' if gate['passed'] else 'FAILED (accepted)'} on {gate['images']} held-out images: exact "
+              f"caption match {gate['exact_match']:.1%}, token agreement {gate['token_agreement']:.1%}, BLEU-4 "
+              f"{gate['bleu4']:.3f}; graphs kept in float: {floats}")
+    elif quant:
         gate = quant["gate"]
         kept = ", ".join(f"{role} {len(nodes)}" for role, nodes in quant["kept_in_float"].items() if nodes) or "none"
         print(f"  quantized: {quant['mode']} {quant['precision']} from {m.source.get('quantized_from', {}).get('path')}; "
@@ -726,6 +782,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-mean-cosine", type=float, default=0.99, help="gate: mean embedding cosine per tower")
     p.add_argument("--min-worst-cosine", type=float, default=0.97, help="gate: worst embedding cosine per tower")
     p.add_argument("--min-agreement", type=float, default=0.98, help="gate: zero-shot top-1 agreement")
+    p.add_argument("--min-exact-match", type=float, default=0.75,
+                   help="captioner gate: captions identical to the fp32 teacher's")
+    p.add_argument("--min-token-agreement", type=float, default=0.85,
+                   help="captioner gate: the teacher's tokens reproduced at their position")
+    p.add_argument("--min-similarity", type=float, default=0.95,
+                   help="captioner gate: text-tower cosine between the two captions (when the default bundle is built)")
     p.add_argument("--no-recover", action="store_true", help="on a failed gate, do not keep sensitive nodes in float")
     p.add_argument("--accept-degradation", action="store_true", help="write the bundle even if the gate fails")
     p.add_argument("-o", "--output", required=True, help="bundle directory to create")
