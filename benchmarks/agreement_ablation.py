@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("teacher")
     parser.add_argument("--weights", default="0,1", help="label_kl_weight values, comma-separated")
+    parser.add_argument("--student", default=None, help="the student spec or preset (default: the default's)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
@@ -41,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tempfile.mkdtemp(prefix="edgemm-ablation-"))
         started = time.perf_counter()
         options = replace(DistillOptions(), threads=args.threads, label_kl_weight=weight)
-        _, info = distill_bundle(args.teacher, work / "student", tower="text", options=options, thresholds=OPEN,
-                                 threads=args.threads)
+        _, info = distill_bundle(args.teacher, work / "student", tower="text", student=args.student,
+                                 options=options, thresholds=OPEN, threads=args.threads)
         gate = info["gate"]
         rows.append({"label_kl_weight": weight, "seconds": round(time.perf_counter() - started, 1),
                      "top1_agreement": gate["top1_agreement"], "decisions": gate["decisions"],
@@ -60,9 +61,11 @@ def main(argv: list[str] | None = None) -> int:
           + " | ".join(f"{r['agreement_by_kind'][k]:.1%}" for k in kinds)
           + f" | {r['text_cosine']['mean']:.4f} / {r['text_cosine']['worst']:.4f} | "
           f"{r['retention']['retention']:.1%} | {r['speedup']:.2f}x | {r['seconds']:.0f} s |" for r in rows)])
-    notes = (f"Teacher `{args.teacher}`, the default text preset, packaged corpus, seed 0; the gate's "
+    notes = (f"Teacher `{args.teacher}`, student {args.student or 'the default preset'}, packaged corpus, seed 0; "
+             "the gate's "
              f"{rows[0]['decisions']} held-out decisions (label sets and images never trained on). Reproduce: "
-             f"`python benchmarks/agreement_ablation.py TEACHER --weights {args.weights} --threads {args.threads}`.")
+             f"`python benchmarks/agreement_ablation.py TEACHER --weights {args.weights} --threads {args.threads}"
+             f"{' --student ' + args.student if args.student else ''}`.")
     out = Path(args.out)
     publish(device_info(args.threads), table, title="Text students trained for agreement: label-score KL ablation",
             threads=args.threads, notes=notes, markdown_path=str(out / "agreement-ablation.md"),

@@ -182,8 +182,6 @@ def _calibration_paths(items: list[str] | None) -> tuple[Path | None, Path | Non
 
 
 def cmd_quantize_captioner(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from edgemm._caption_gate import CaptionGateThresholds, caption_gate_summary
     from edgemm._model import default_bundle_dir
     from edgemm._quantize_caption import quantize_captioner
@@ -198,12 +196,7 @@ def cmd_quantize_captioner(args: argparse.Namespace) -> int:
         from edgemm._model import load
 
         text_model = load(threads=args.threads)
-    bar = tqdm(desc=f"quantize {args.precision}", unit="step", disable=args.quiet)
-
-    def progress(message: str) -> None:
-        bar.set_postfix_str(message)
-        bar.update(1)
-
+    bar, progress = _quantize_progress(args)
     try:
         manifest, info = quantize_captioner(
             args.bundle_path, args.output, precision=args.precision,
@@ -212,13 +205,31 @@ def cmd_quantize_captioner(args: argparse.Namespace) -> int:
             threads=args.threads, text_model=text_model, progress=progress)
     finally:
         bar.close()
+    kept = [role for role, p in info["graphs"].items() if p == "fp32"]
+    return _print_quantized(args, manifest, info, [caption_gate_summary(info["gate"])]
+                            + ([f"kept in float: {', '.join(kept)}"] if kept else []))
+
+
+def _quantize_progress(args: argparse.Namespace) -> tuple[Any, Any]:
+    """A progress bar for edgemm quantize, and the callback that advances it."""
+    from tqdm import tqdm
+
+    bar = tqdm(desc=f"quantize {args.precision}", unit="step", disable=args.quiet)
+
+    def progress(message: str) -> None:
+        bar.set_postfix_str(message)
+        bar.update(1)
+
+    return bar, progress
+
+
+def _print_quantized(args: argparse.Namespace, manifest: Any, info: dict[str, Any], lines: list[str]) -> int:
+    """edgemm quantize's report: the gate's lines, notes, and what was written."""
     if args.json:
         _print_json(info)
         return 0
-    print(caption_gate_summary(info["gate"]))
-    kept = [role for role, p in info["graphs"].items() if p == "fp32"]
-    if kept:
-        print(f"kept in float: {', '.join(kept)}")
+    for line in lines:
+        print(line)
     if info.get("note"):
         print(f"note: {info['note']}")
     if info.get("accepted_degradation"):
@@ -228,8 +239,6 @@ def cmd_quantize_captioner(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from edgemm._gate import GateThresholds, summary
     from edgemm._quantize import quantize_bundle
     from edgemm.export.quantize import Int8Options
@@ -242,12 +251,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                           matmul_weights_only=not args.all_matmuls)
     thresholds = GateThresholds(mean_cosine=args.min_mean_cosine, worst_cosine=args.min_worst_cosine,
                                 top1_agreement=args.min_agreement)
-    bar = tqdm(desc=f"quantize {args.precision}", unit="step", disable=args.quiet)
-
-    def progress(message: str) -> None:
-        bar.set_postfix_str(message)
-        bar.update(1)
-
+    bar, progress = _quantize_progress(args)
     graphs = args.graphs.split(",") if args.graphs else None
     try:
         manifest, info = quantize_bundle(
@@ -257,20 +261,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             threads=args.threads, progress=progress)
     finally:
         bar.close()
-    if args.json:
-        _print_json(info)
-        return 0
-    print(summary(info["gate"]))
-    for role, nodes in info["kept_in_float"].items():
-        if nodes:
-            print(f"kept in float in {role}: {len(nodes)} node(s), costliest first: {', '.join(nodes[:4])}"
-                  f"{' …' if len(nodes) > 4 else ''}")
-    if info.get("note"):
-        print(f"note: {info['note']}")
-    if info.get("accepted_degradation"):
-        print("warning: the gate failed and --accept-degradation wrote the bundle anyway (recorded in its manifest)")
-    print(f"wrote {args.output} ({manifest.precision}, {info['mode']}, {info['seconds']} s)")
-    return 0
+    kept = [f"kept in float in {role}: {len(nodes)} node(s), costliest first: {', '.join(nodes[:4])}"
+            f"{' …' if len(nodes) > 4 else ''}" for role, nodes in info["kept_in_float"].items() if nodes]
+    return _print_quantized(args, manifest, info, [summary(info["gate"]), *kept])
 
 
 def cmd_engine(args: argparse.Namespace) -> int:

@@ -59,6 +59,30 @@ def _hybrid(staged: Path, reference: DualEncoder, converted: str, threads: int |
     return model
 
 
+def fp32_source(source: str | Path, family: str, graphs: Sequence[str] | None) -> tuple[Bundle, list[str]]:
+    """The fp32 bundle to convert, checked (family, precision, graphs intact), and the roles to convert.
+
+    Raises:
+        BundleError: Not an fp32 bundle of ``family``, or a corrupted graph.
+        InputError: Graphs the bundle does not have.
+    """
+    from edgemm.export import quantize as q
+
+    src = Bundle(source)
+    manifest = src.manifest
+    if manifest.family != family:
+        raise BundleError(f"'{src.path}' is a {manifest.family!r} bundle; this quantizes {family} bundles.")
+    if manifest.precision != "fp32":
+        raise BundleError(f"'{src.path}' is already {manifest.precision}; quantize from the fp32 bundle it came from.")
+    for role in manifest.graphs:
+        q.check_graph(src.graph_path(role))
+    roles = list(manifest.graphs) if graphs is None else list(graphs)
+    unknown = sorted(set(roles) - set(manifest.graphs))
+    if unknown or not roles:
+        raise InputError(f"graphs {unknown or roles} are not in '{src.path}'; it has {sorted(manifest.graphs)}.")
+    return src, roles
+
+
 def quantize_bundle(
     source: str | Path,
     out_dir: str | Path,
@@ -117,18 +141,8 @@ def quantize_bundle(
     if dynamic and precision != "int8":
         raise InputError("dynamic quantization is an int8 mode; drop --dynamic or use --precision int8.")
     options = (options or q.Int8Options()).resolved()
-    src = Bundle(source)
+    src, roles = fp32_source(source, "dual_encoder", graphs)
     manifest = src.manifest
-    if manifest.precision != "fp32":
-        raise BundleError(f"'{src.path}' is already {manifest.precision}; quantize from the fp32 bundle it came from.")
-    if manifest.family != "dual_encoder":
-        raise BundleError(f"'{src.path}' is a {manifest.family!r} bundle; quantize supports dual encoders.")
-    for role in manifest.graphs:
-        q.check_graph(src.graph_path(role))
-    roles = list(manifest.graphs) if graphs is None else list(graphs)
-    unknown = sorted(set(roles) - set(manifest.graphs))
-    if unknown or not roles:
-        raise InputError(f"graphs {unknown or roles} are not in '{src.path}'; it has {sorted(manifest.graphs)}.")
     started = time.perf_counter()
     reference = DualEncoder(src, threads=threads)
     calib, held = calibration_data(calibration_images, calibration_texts)

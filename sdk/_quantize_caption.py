@@ -26,8 +26,9 @@ from typing import Any
 
 from edgemm._caption import Captioner
 from edgemm._caption_gate import CaptionGateThresholds, caption_gate_images, caption_gate_summary, compare_captions
+from edgemm._quantize import fp32_source
 from edgemm.runtime.bundle import Bundle
-from edgemm.runtime.errors import BundleError, InputError
+from edgemm.runtime.errors import InputError
 from edgemm.runtime.manifest import CAPTION_DECODER
 
 
@@ -80,18 +81,8 @@ def quantize_captioner(source: str | Path, out_dir: str | Path, *, precision: st
     step = progress or (lambda _msg: None)
     if precision not in q.PRECISIONS:
         raise InputError(f"unknown precision {precision!r}; choose from {list(q.PRECISIONS)}.")
-    src = Bundle(source)
+    src, roles = fp32_source(source, "captioner", graphs)
     manifest = src.manifest
-    if manifest.family != "captioner":
-        raise BundleError(f"'{src.path}' is a {manifest.family!r} bundle, not a captioner.")
-    if manifest.precision != "fp32":
-        raise BundleError(f"'{src.path}' is already {manifest.precision}; quantize from the fp32 bundle it came from.")
-    roles = list(manifest.graphs) if graphs is None else list(graphs)
-    unknown = sorted(set(roles) - set(manifest.graphs))
-    if unknown or not roles:
-        raise InputError(f"graphs {unknown or roles} are not in '{src.path}'; it has {sorted(manifest.graphs)}.")
-    for role in manifest.graphs:
-        q.check_graph(src.graph_path(role))
     started = time.perf_counter()
     teacher = Captioner(src, threads=threads)
     if images is None:
