@@ -271,11 +271,10 @@ class DualEncoder:
         against many label sets (the accuracy gate)."""
         labels = self.default_labels if labels is None else labels
         weights = self.label_weights(labels)
-        out = outputs
         if self._class_embeddings is not None:
-            mass = out[self.manifest.scoring.class_output] @ weights
+            mass = outputs[self.manifest.scoring.class_output] @ weights
             return mass / np.maximum(mass.sum(axis=1, keepdims=True), 1e-30)
-        logits = self.manifest.scoring.logit_scale * (out["embedding"] @ weights.T)
+        logits = self.manifest.scoring.logit_scale * (outputs["embedding"] @ weights.T)
         if self.manifest.scoring.kind == "sigmoid":
             return 1.0 / (1.0 + np.exp(-(logits + self.manifest.scoring.logit_bias)))
         logits -= logits.max(axis=1, keepdims=True)
@@ -311,7 +310,6 @@ class DualEncoder:
         best = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         result = [[Prediction(names[j], float(row[j])) for j in idx] for row, idx in zip(probs, best)]
         return result[0] if single else result
-
 
     # -- engine verification ------------------------------------------------------
 
