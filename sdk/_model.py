@@ -260,17 +260,17 @@ class DualEncoder:
         Rows sum to 1 (a softmax over the labels), except for ``sigmoid`` scoring
         (SigLIP), where each label gets its own independent probability.
         """
-        labels = self.default_labels if labels is None else labels
-        self.label_weights(labels)  # bad labels fail before any image is run
+        weights = self.label_weights(self.default_labels if labels is None else labels)  # bad labels fail first
         if not _is_batch(images):
             images = [images]
-        return self.scores_of(self._run_images(list(images), color, batch_size), labels)
+        return self._probs(self._run_images(list(images), color, batch_size), weights)
 
     def scores_of(self, outputs: dict[str, np.ndarray], labels: Sequence[str] | None = None) -> np.ndarray:
         """Label probabilities from the image graph's outputs (``_run_images``): images run once, scored
         against many label sets (the accuracy gate)."""
-        labels = self.default_labels if labels is None else labels
-        weights = self.label_weights(labels)
+        return self._probs(outputs, self.label_weights(self.default_labels if labels is None else labels))
+
+    def _probs(self, outputs: dict[str, np.ndarray], weights: np.ndarray) -> np.ndarray:
         if self._class_embeddings is not None:
             mass = outputs[self.manifest.scoring.class_output] @ weights
             return mass / np.maximum(mass.sum(axis=1, keepdims=True), 1e-30)

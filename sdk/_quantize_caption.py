@@ -117,21 +117,25 @@ def quantize_captioner(source: str | Path, out_dir: str | Path, *, precision: st
         fields["source"] = {**manifest.source, "quantized_from": {"path": str(src.path), "name": manifest.name,
                                                                   "created": manifest.created}}
 
-        def gate(kept: Sequence[str]) -> dict[str, Any]:
+        graph_files = {g.file for g in manifest.graphs.values()}
+        for rel in manifest.files:
+            if rel not in graph_files:
+                w.path(rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src.file(rel), w.path(rel))
+
+        def stage(kept: Sequence[str]) -> Path:
             for role in manifest.graphs:
                 shutil.copyfile(converted[role] if role in kept else src.graph_path(role),
                                 w.path(manifest.graphs[role].file))
-            for rel in manifest.files:
-                if rel not in {g.file for g in manifest.graphs.values()}:
-                    w.path(rel).parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(src.file(rel), w.path(rel))
-            staged = w.stage(**fields)
-            candidate = Captioner(Bundle(staged, check_hashes=False), threads=threads)
+            return w.stage(**fields)
+
+        def gate(kept: Sequence[str]) -> dict[str, Any]:
+            candidate = Captioner(Bundle(stage(kept), check_hashes=False), threads=threads)
             return compare_captions(reference, captions(candidate), prompt_length=prompt_length,
                                     text_model=text_model, thresholds=thresholds, images=described)
 
         step(f"captioning them with the {precision} candidate")
-        report = gate(roles)
+        report = first = gate(roles)
         attempts = [{"converted": list(roles), "passed": report["passed"], "failures": report["failures"]}]
         kept = list(roles)
         if not report["passed"] and recover and precision == "int8":
@@ -143,14 +147,15 @@ def quantize_captioner(source: str | Path, out_dir: str | Path, *, precision: st
                     kept = subset
                     break
         if not report["passed"]:
-            kept = list(roles)
+            kept, report = list(roles), first  # what is written when the degradation is accepted: every graph
             info = {"precision": precision, "attempts": attempts, "gate": report}
             if not accept_degradation:
                 raise CaptionGateError(
                     f"the {precision} captioner changes its captions beyond the gate: {'; '.join(report['failures'])}. "
                     f"Nothing was written. Convert fewer graphs (--graphs), or pass --accept-degradation to write it "
                     f"anyway.\n{caption_gate_summary(report)}", info)
-            report = gate(kept)
+            if len(attempts) > 1:
+                stage(kept)  # the last attempt staged a subset
         sizes = {role: (src.graph_path(role).stat().st_size, w.path(manifest.graphs[role].file).stat().st_size)
                  for role in manifest.graphs}
         info = {
