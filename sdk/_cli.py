@@ -181,21 +181,34 @@ def _calibration_paths(items: list[str] | None) -> tuple[Path | None, Path | Non
     return images, texts
 
 
+def _caption_gate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--min-exact-match", type=float, default=0.75,
+                   help="captioner gate: captions identical to the fp32 teacher's")
+    p.add_argument("--min-token-agreement", type=float, default=0.85,
+                   help="captioner gate: the teacher's tokens reproduced at their position")
+    p.add_argument("--min-similarity", type=float, default=0.95,
+                   help="captioner gate: text-tower cosine between the two captions (when the default bundle is built)")
+
+
+def _caption_gate(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The caption gate's thresholds, and the default text tower to embed captions with (None when not built)."""
+    from edgemm._caption_gate import CaptionGateThresholds
+    from edgemm._model import default_bundle_dir, load
+
+    thresholds = CaptionGateThresholds(exact_match=args.min_exact_match, token_agreement=args.min_token_agreement,
+                                       mean_similarity=args.min_similarity)
+    text_model = load(threads=args.threads) if (default_bundle_dir() / "manifest.json").is_file() else None
+    return thresholds, text_model
+
+
 def cmd_quantize_captioner(args: argparse.Namespace) -> int:
-    from edgemm._caption_gate import CaptionGateThresholds, caption_gate_summary
-    from edgemm._model import default_bundle_dir
+    from edgemm._caption_gate import caption_gate_summary
     from edgemm._quantize_caption import quantize_captioner
 
     if args.calibration or args.dynamic or args.all_matmuls:
         raise InputError("a captioner quantizes dynamically (no calibration data): drop --calibration, --dynamic "
                          "and --all-matmuls.")
-    thresholds = CaptionGateThresholds(exact_match=args.min_exact_match, token_agreement=args.min_token_agreement,
-                                       mean_similarity=args.min_similarity)
-    text_model = None
-    if (default_bundle_dir() / "manifest.json").is_file():  # the default text tower embeds the captions
-        from edgemm._model import load
-
-        text_model = load(threads=args.threads)
+    thresholds, text_model = _caption_gate(args)  # the default text tower embeds the captions
     bar, progress = _quantize_progress(args)
     try:
         manifest, info = quantize_captioner(
@@ -352,6 +365,14 @@ def cmd_info(args: argparse.Namespace) -> int:
               f"{gate['text_cosine']['worst']:.4f}, top-1 agreement {gate['top1_agreement']:.1%}; "
               f"nodes kept in float: {kept}")
     distill = m.verification.get("distillation")
+    if distill and distill["tower"] == "decoder":
+        gate, speed = distill["gate"], distill["speed"]
+        print(f"  distilled: decoder student keeping layers {distill['student']['kept']} of "
+              f"{distill['student']['teacher_layers']} ({distill['teacher']}); gate "
+              f"{'passed' if gate['passed'] else 'FAILED (accepted)'} on {gate['images']} held-out images: exact "
+              f"caption match {gate['exact_match']:.1%}, token agreement {gate['token_agreement']:.1%}, BLEU-4 "
+              f"{gate['bleu4']:.3f}; {speed['speedup']:.2f}x per caption")
+        distill = None
     while distill:  # latest first; "earlier" holds the other tower's distillation
         cos, r, speed = distill["gate"][f"{distill['tower']}_cosine"], distill["retention"], distill["speed"]
         batch = f"batch {speed['batch']}" if distill["tower"] == "text" else "one frame"
@@ -467,13 +488,13 @@ def cmd_match(args: argparse.Namespace) -> int:
 def cmd_distill(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from tqdm import tqdm
-
     from edgemm._distill import DistillThresholds, distill_bundle, distill_summary
     from edgemm.export.distill import DistillOptions
-
     from edgemm.export.distill_image import IMAGE_OPTIONS
+    from edgemm.runtime.manifest import read_manifest
 
+    if args.tower == "decoder" or read_manifest(args.bundle_path).family == "captioner":
+        return cmd_distill_captioner(args)
     if args.tower == "image" and args.label_kl is not None:
         raise InputError("--label-kl trains text students; an image student learns the teacher's class "
                          "distribution already (the default model's Hinton KD).")
@@ -483,21 +504,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
                                  ("label_kl_weight", args.label_kl),
                                  ("max_steps", args.max_steps)) if v is not None}
     options = replace(options, **changes)
-    bar = None
-
-    def progress(stage: str, done: int, total: int, metrics: dict[str, Any]) -> None:
-        nonlocal bar
-        if stage == "step":
-            if not args.quiet:
-                tqdm.write(metrics["message"], file=sys.stderr)
-            return
-        if bar is None:
-            bar = tqdm(total=total, desc="distilling", unit="step", disable=args.quiet, initial=done)
-        bar.update(done - bar.n)
-        shown = {k: f"{v:.4f}" for k, v in metrics.items() if k in ("loss", "held_out_mean_cosine")}
-        if shown:
-            bar.set_postfix(shown)
-
+    bars, progress = _distill_progress(args, ("loss", "held_out_mean_cosine"))
     try:
         manifest, info = distill_bundle(
             args.bundle_path, args.output, tower=args.tower, student=args.student, data=args.data, options=options,
@@ -506,14 +513,69 @@ def cmd_distill(args: argparse.Namespace) -> int:
             accept_degradation=args.accept_degradation, checkpoint_dir=args.checkpoint, restart=args.restart,
             overwrite=args.force, threads=args.threads, progress=progress)
     finally:
-        if bar is not None:
+        for bar in bars:
             bar.close()
+    return _print_distilled(args, info, distill_summary(info))
+
+
+def _distill_progress(args: argparse.Namespace, shown: tuple[str, ...]) -> tuple[list[Any], Any]:
+    """edgemm distill's progress: step lines on stderr, and a bar over the training steps (made at the first)."""
+    from tqdm import tqdm
+
+    bars: list[Any] = []
+
+    def progress(stage: str, done: int, total: int, metrics: dict[str, Any]) -> None:
+        if stage == "step":
+            if not args.quiet:
+                tqdm.write(metrics["message"], file=sys.stderr)
+            return
+        if not bars:
+            bars.append(tqdm(total=total, desc="distilling", unit="step", disable=args.quiet, initial=done))
+        bars[0].update(done - bars[0].n)
+        values = {k: f"{v:.4f}" for k, v in metrics.items() if k in shown}
+        if values:
+            bars[0].set_postfix(values)
+
+    return bars, progress
+
+
+def _print_distilled(args: argparse.Namespace, info: dict[str, Any], text: str) -> int:
     if args.json:
         _print_json(info)
         return 0
-    print(distill_summary(info))
+    print(text)
+    if info.get("accepted_degradation"):
+        print("warning: the gate failed and --accept-degradation wrote the bundle anyway (recorded in its manifest)")
     print(f"wrote {args.output}")
     return 0
+
+
+def cmd_distill_captioner(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from edgemm._distill_caption import caption_distill_summary, distill_captioner
+    from edgemm.export.distill_caption import CaptionDistillOptions
+
+    if args.tower not in ("text", "decoder"):  # "text" is the flag's default
+        raise InputError(f"a captioner distils its decoder: use --tower decoder, not --tower {args.tower}.")
+    if args.label_kl is not None:
+        raise InputError("--label-kl trains text students; a decoder student learns the teacher's token "
+                         "distributions already (token-level KL).")
+    changes = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr),
+                                 ("max_steps", args.max_steps)) if v is not None}
+    options = replace(CaptionDistillOptions(threads=args.threads, seed=args.seed), **changes)
+    thresholds, text_model = _caption_gate(args)
+    bars, progress = _distill_progress(args, ("loss", "held_out_token_agreement"))
+    try:
+        _manifest, info = distill_captioner(
+            args.bundle_path, args.output, student=args.student, images=args.data, options=options,
+            thresholds=thresholds, accept_degradation=args.accept_degradation, checkpoint_dir=args.checkpoint,
+            restart=args.restart, overwrite=args.force, threads=args.threads, text_model=text_model,
+            progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
+    return _print_distilled(args, info, caption_distill_summary(info))
 
 
 def cmd_train_av(args: argparse.Namespace) -> int:
@@ -775,12 +837,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-mean-cosine", type=float, default=0.99, help="gate: mean embedding cosine per tower")
     p.add_argument("--min-worst-cosine", type=float, default=0.97, help="gate: worst embedding cosine per tower")
     p.add_argument("--min-agreement", type=float, default=0.98, help="gate: zero-shot top-1 agreement")
-    p.add_argument("--min-exact-match", type=float, default=0.75,
-                   help="captioner gate: captions identical to the fp32 teacher's")
-    p.add_argument("--min-token-agreement", type=float, default=0.85,
-                   help="captioner gate: the teacher's tokens reproduced at their position")
-    p.add_argument("--min-similarity", type=float, default=0.95,
-                   help="captioner gate: text-tower cosine between the two captions (when the default bundle is built)")
+    _caption_gate_arguments(p)
     p.add_argument("--no-recover", action="store_true", help="on a failed gate, do not keep sensitive nodes in float")
     p.add_argument("--accept-degradation", action="store_true", help="write the bundle even if the gate fails")
     p.add_argument("-o", "--output", required=True, help="bundle directory to create")
@@ -842,15 +899,18 @@ def build_parser() -> argparse.ArgumentParser:
     runtime_options(p)
     p.set_defaults(func=cmd_caption)
 
-    p = sub.add_parser("distill", help="distil a bundle's text or image tower into a smaller, faster student (gated)")
-    p.add_argument("bundle_path", help="the teacher: an fp32 dual-encoder bundle")
-    p.add_argument("--tower", default="text", choices=("text", "image"), help="the tower to replace with a student")
+    p = sub.add_parser("distill", help="distil a bundle's text or image tower, or a captioner's decoder, into a "
+                                       "smaller, faster student (gated)")
+    p.add_argument("bundle_path", help="the teacher: an fp32 dual-encoder or captioner bundle")
+    p.add_argument("--tower", default="text", choices=("text", "image", "decoder"),
+                   help="the tower to replace with a student (decoder: a captioner's)")
     p.add_argument("--student", default=None,
                    help="text: layers=N (teacher layers kept, spread evenly), layers=I,J,K, optionally ,ffn=W, or a "
                         "preset (default: minilm-l3-ffn1280 for the default model, layers=3 otherwise); image: "
-                        "size=S[,depth=D][,expand=F] or a preset (default: lite0-160)")
-    p.add_argument("--data", help="text: a text file (one text per line) or a folder of .txt files; image: a folder "
-                                  "of unlabelled images (default: packaged data the gate does not use)")
+                        "size=S[,depth=D][,expand=F] or a preset (default: lite0-160); decoder: layers=N or "
+                        "layers=I,J (default: 2 of the built-in captioner's 4, half of another's)")
+    p.add_argument("--data", help="text: a text file (one text per line) or a folder of .txt files; image, decoder: "
+                                  "a folder of unlabelled images (default: packaged data the gate does not use)")
     p.add_argument("--epochs", type=int, help="most passes over the data (default 3 for text, 4 for images)")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     p.add_argument("--batch-size", type=int)
@@ -863,6 +923,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-retention", type=float, default=0.95, help="gate: student / teacher zero-shot top-1")
     p.add_argument("--min-agreement", type=float, default=0.95,
                    help="gate: the teacher's top label kept, over diverse held-out label sets and images")
+    _caption_gate_arguments(p)
     p.add_argument("--accept-degradation", action="store_true", help="write the student even if it misses the gate")
     p.add_argument("--checkpoint", help="training checkpoint folder (default: OUTPUT.distill; resumed when present)")
     p.add_argument("--restart", action="store_true", help="discard an existing checkpoint instead of resuming it")

@@ -521,8 +521,17 @@ def _verify_step_logits(parts: CaptionerParts, graphs: GenerationGraphs, pixels:
 
 
 def build_captioner_bundle(parts: CaptionerParts, out_dir: str | Path, *, overwrite: bool = False,
-                           progress: Callable[[str], None] | None = None) -> Manifest:
+                           progress: Callable[[str], None] | None = None,
+                           before_commit: Callable[[Path], dict[str, Any]] | None = None) -> Manifest:
     """Export a captioner's two graphs, verify them token for token, and write the bundle.
+
+    Args:
+        parts: What to export.
+        out_dir: The bundle directory.
+        overwrite: Replace an existing bundle.
+        progress: Called with a short description before each step.
+        before_commit: Called with the staged, verified bundle directory; what it returns is added to the
+            manifest's verification, and what it raises leaves nothing written (a distillation's gate).
 
     Raises:
         ExportError: Export failed.
@@ -601,6 +610,8 @@ def build_captioner_bundle(parts: CaptionerParts, out_dir: str | Path, *, overwr
         reports["generation"] = verify_generation(parts, graphs, pixels, names)
         if parts.reference_pixels is not None and not vqa:
             reports["preprocessing"] = _check_preprocessing(parts, graphs, images, pixels)
+        if before_commit is not None:
+            reports.update(before_commit(staged))
         return w.commit(**fields, verification=reports)
 
 
@@ -632,11 +643,14 @@ def _check_preprocessing(parts: CaptionerParts, graphs: GenerationGraphs, images
 # -- the built-in default captioner -----------------------------------------------------------
 
 
-def default_captioner_parts() -> CaptionerParts:
+def default_captioner_parts(decoder: Any = None) -> CaptionerParts:
     """The built-in captioner (default image tower → adapter → Whisper tiny.en's decoder) as export parts.
 
     Its reference is transformers' ``generate()`` on the ``WhisperForCausalLM``
     with the adapter's memory as ``encoder_outputs``.
+
+    Args:
+        decoder: A ``WhisperForCausalLM`` to use instead of the packaged one (a distilled student).
     """
     from tokenizers import Tokenizer
 
@@ -645,6 +659,8 @@ def default_captioner_parts() -> CaptionerParts:
     from edgemm.export.models.hf_captioner import generation_settings
 
     c = default_captioner()
+    if decoder is not None:
+        c.decoder = decoder
     start, eos = [int(i) for i in c.prompt_ids], [int(c.eos_id)]
     settings = generation_settings(c.decoder.generation_config, len(start))
     settings.pop("max_length", None)

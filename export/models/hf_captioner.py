@@ -200,6 +200,22 @@ class CaptionCheckpoint:
         self.image_spec = image_preprocess_from_processor(read_processor_config(self.folder), self.image_size)
         self._processor = None
 
+    @property
+    def decoder_lm(self) -> nn.Module:
+        """The transformers decoder LM (GPT-2 or BLIP's text decoder) that writes the captions."""
+        return self.model.decoder if self.kind == "vision-encoder-decoder" else self.model.text_decoder
+
+    def use_decoder(self, lm: nn.Module) -> None:
+        """Replace the decoder LM (by a distilled student of it): the parts, the reference and the logits use it."""
+        if self.kind == "vision-encoder-decoder":
+            self.model.decoder = lm
+            self.model.config.decoder = lm.config
+            self.decoder = DECODERS[lm.config.model_type](lm).eval()
+        else:
+            self.model.text_decoder = lm
+            self.model.config.text_config = lm.config
+            self.decoder = BlipTextStep(lm).eval()
+
     def pixels(self, images_rgb: Sequence[np.ndarray]) -> np.ndarray:
         """The folder's own Hugging Face image processor: the reference preprocessing."""
         from PIL import Image
