@@ -495,6 +495,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
     if args.tower == "decoder" or read_manifest(args.bundle_path).family == "captioner":
         return cmd_distill_captioner(args)
+    if args.synthetic is not None:
+        raise InputError("--synthetic is for a captioner's decoder (--tower decoder); text and image students train "
+                         "on --data or packaged data.")
     if args.tower == "image" and args.label_kl is not None:
         raise InputError("--label-kl trains text students; an image student learns the teacher's class "
                          "distribution already (the default model's Hinton KD).")
@@ -558,6 +561,8 @@ def cmd_distill_captioner(args: argparse.Namespace) -> int:
 
     if args.tower not in ("text", "decoder"):  # "text" is the flag's default
         raise InputError(f"a captioner distils its decoder: use --tower decoder, not --tower {args.tower}.")
+    if args.synthetic is not None and args.synthetic < 0:
+        raise InputError(f"--synthetic is a count of simulated inputs, 0 or more; got {args.synthetic}.")
     if args.label_kl is not None:
         raise InputError("--label-kl trains text students; a decoder student learns the teacher's token "
                          "distributions already (token-level KL).")
@@ -571,7 +576,7 @@ def cmd_distill_captioner(args: argparse.Namespace) -> int:
             args.bundle_path, args.output, student=args.student, images=args.data, options=options,
             thresholds=thresholds, accept_degradation=args.accept_degradation, checkpoint_dir=args.checkpoint,
             restart=args.restart, overwrite=args.force, threads=args.threads, text_model=text_model,
-            progress=progress)
+            **({} if args.synthetic is None else {"synthetic": args.synthetic}), progress=progress)
     finally:
         for bar in bars:
             bar.close()
@@ -924,6 +929,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-agreement", type=float, default=0.95,
                    help="gate: the teacher's top label kept, over diverse held-out label sets and images")
     _caption_gate_arguments(p)
+    p.add_argument("--synthetic", type=int, default=None, metavar="N",
+                   help="decoder: simulated inputs the teacher also captions for training, where its image side "
+                        "allows them (the built-in captioner's pseudo images; default 4000, 0 for none)")
     p.add_argument("--accept-degradation", action="store_true", help="write the student even if it misses the gate")
     p.add_argument("--checkpoint", help="training checkpoint folder (default: OUTPUT.distill; resumed when present)")
     p.add_argument("--restart", action="store_true", help="discard an existing checkpoint instead of resuming it")

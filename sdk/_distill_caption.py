@@ -49,6 +49,9 @@ TRAIN_FASHION = 1000  # Fashion-MNIST training images
 MEMORY_BATCH = 32  # images per pass of the teacher's image side
 SPEED_TOKENS = 20  # new tokens per timed caption (min = max, so an early end cannot flatter either side)
 SPEED_SECONDS = 3.0
+PSEUDO_IMAGES = 4000  # simulated inputs captioned by the teacher, where it has them (the built-in captioner)
+PSEUDO_PROFILES = 512  # real images whose class-probability profiles the pseudo images imitate
+PSEUDO_SEED = 1
 
 
 class CaptionDistillGateError(VerificationError):
@@ -67,6 +70,11 @@ class CaptionTeacher:
     image_states: Any  # nn.Module: pixels → encoder states (batch, memory, width)
     parts: Callable[[Any], Any]  # student LM → CaptionerParts with that decoder
     description: str
+    # Simulated inputs, where the teacher's image side allows them: (count, real images) → encoder states,
+    # and encoder states → the teacher's captions (token ids as the runtime writes them).
+    synthetic: Callable[[int, Sequence[Any]], Any] | None = None
+    caption_states: Callable[[Any], list[list[int]]] | None = None
+    synthetic_description: str = ""
 
 
 def caption_teacher(bundle: Bundle) -> CaptionTeacher:
@@ -95,7 +103,9 @@ def caption_teacher(bundle: Bundle) -> CaptionTeacher:
 
         c = default_captioner()
         return CaptionTeacher(c.decoder, c.image_encoder, lambda lm: default_captioner_parts(decoder=lm),
-                              "the built-in captioner's Whisper tiny.en decoder (packaged weights)")
+                              "the built-in captioner's Whisper tiny.en decoder (packaged weights)",
+                              partial(_pseudo_images, c, m.image), partial(_caption_states, c),
+                              "simulated tower outputs of random ImageNet classes (the adapter's pseudo images)")
     if kind == "huggingface":
         from edgemm.export.models.hf_captioner import CaptionCheckpoint
 
@@ -115,6 +125,43 @@ def caption_teacher(bundle: Bundle) -> CaptionTeacher:
                       "edgemm export captioner.")
 
 
+def _pseudo_images(c: Any, image: Any, count: int, real: Sequence[Any]) -> Any:
+    """Encoder states of the built-in captioner's pseudo images (``default_captioner.PseudoImages``: tower
+    outputs simulated for random ImageNet classes, shaped like real images' top-10 class profiles).
+
+    Its image side is a tower (image → a 384-d embedding) then an adapter, so inputs far more varied than
+    the packaged photos can be made in embedding space, as the adapter itself was trained.
+    """
+    import torch
+
+    from edgemm.export.models.default_captioner import PseudoImages
+    from edgemm.runtime.image import ImagePreprocessor
+
+    tower, adapter = c.image_encoder.tower, c.image_encoder.adapter
+    preprocess = ImagePreprocessor(image)
+    with torch.no_grad():
+        probs = np.concatenate([tower(torch.from_numpy(preprocess(list(real[i:i + MEMORY_BATCH]), color="rgb")))[1]
+                                .numpy() for i in range(0, min(len(real), PSEUDO_PROFILES), MEMORY_BATCH)])
+        pseudo = PseudoImages(tower.class_embeddings.numpy(), probs)
+        rng = np.random.default_rng(PSEUDO_SEED)
+        return adapter(torch.from_numpy(pseudo(rng.integers(0, len(tower.class_embeddings), count), rng))).float()
+
+
+def _caption_states(c: Any, memory: Any) -> list[list[int]]:
+    """The built-in captioner's captions of encoder states, with transformers' generate() and its settings."""
+    import torch
+
+    from edgemm.export.models.default_captioner import generate_ids
+
+    start, eos, limit = [int(i) for i in c.prompt_ids], int(c.eos_id), c.generation.max_new_tokens
+    tokens = []
+    with torch.no_grad():
+        for i in range(0, len(memory), MEMORY_BATCH * 2):
+            for row in generate_ids(c.decoder, memory[i:i + MEMORY_BATCH * 2], c.generation, c.prompt_ids, eos):
+                tokens.append([*start, *row, *([eos] if len(row) < limit else [])])
+    return tokens
+
+
 def _check_teacher(teacher: CaptionTeacher, runtime: Captioner) -> dict[str, Any]:
     """The rebuilt teacher writes the bundle's captions, token for token, on a few sample photos."""
     from edgemm.runtime.datasets import sample_photos
@@ -126,6 +173,14 @@ def _check_teacher(teacher: CaptionTeacher, runtime: Captioner) -> dict[str, Any
     if got != expected:
         raise BundleError(f"the captioner rebuilt for '{runtime.bundle.path}' ({teacher.description}) does not "
                           "write the bundle's captions; the weights changed since it was exported. Export it again.")
+    if teacher.caption_states is not None:  # the simulated inputs' captions must be the runtime's too
+        import torch
+
+        with torch.no_grad():
+            states = teacher.image_states(torch.from_numpy(runtime.preprocess(photos, color="rgb")))
+        if teacher.caption_states(states) != got:
+            raise BundleError(f"captioning encoder states directly does not give '{runtime.bundle.path}''s captions "
+                              "of the same photos; the teacher's generation settings differ from the bundle's.")
     return {"photos": len(photos), "same_tokens": True}
 
 
@@ -245,6 +300,7 @@ def distill_captioner(
     threads: int | None = None,
     text_model: Any = None,
     gate_images: Sequence[Any] | None = None,
+    synthetic: int = PSEUDO_IMAGES,
     progress: Callable[[str, int, int, dict[str, float]], None] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Distil a captioner bundle's decoder into one with fewer layers, and write it as a gated bundle.
@@ -265,6 +321,8 @@ def distill_captioner(
         threads: Threads for training and ONNX Runtime.
         text_model: A dual encoder that embeds captions for the similarity figure (None: not measured).
         gate_images: Held-out images for the gate (default: the accuracy gate's, plus the user's held-out ones).
+        synthetic: Simulated inputs to caption and train on besides the images, where the teacher's image
+            side allows them (the built-in captioner's pseudo images); 0: none.
         progress: ``progress(stage, done, total, metrics)``; stage ``"train"`` (steps) or ``"step"``
             (a description in ``metrics["message"]``).
 
@@ -277,6 +335,8 @@ def distill_captioner(
         VerificationError: The exported student drifts from its PyTorch reference.
         CaptionDistillGateError: The student's captions changed beyond the gate, degradation not accepted.
     """
+    import torch
+
     from edgemm.export import distill_caption as dc
     from edgemm.export.distill import CHECKPOINT_NAME
     from edgemm.export.models.captioner import build_captioner_bundle
@@ -307,7 +367,13 @@ def distill_captioner(
     step(f"captioning {len(train_images)} unlabelled images with the teacher bundle")
     captions = runtime.caption(list(train_images), color="rgb", batch_size=16)
     step("computing their encoder states with the teacher's image side")
-    data = dc.CaptionSet(_memory(teacher, runtime, train_images), [list(c.token_ids) for c in captions])
+    memory, tokens = _memory(teacher, runtime, train_images), [list(c.token_ids) for c in captions]
+    if teacher.synthetic is not None and teacher.caption_states is not None and synthetic:
+        step(f"captioning {synthetic} {teacher.synthetic_description}")
+        extra = teacher.synthetic(synthetic, train_images)
+        memory, tokens = torch.cat([memory, extra]), tokens + teacher.caption_states(extra)
+        described += f", and {synthetic} {teacher.synthetic_description}"
+    data = dc.CaptionSet(memory, tokens)
     train_set, held_set = dc.split_captions(data, options.held_out_fraction, options.seed)
     g = src.manifest.generation
     step(f"{'resuming' if resume else 'distilling'} the decoder student on {len(train_set)} captions")

@@ -173,3 +173,22 @@ def test_cli_distils_a_captioner_decoder(tiny_blip_bundle, images, tmp_path):
     assert "distilled: decoder student keeping layers [1] of 2" in info.stdout
     r = run_cli("distill", str(tiny_blip_bundle), "--tower", "image", "-o", str(tmp_path / "no"), check=False)
     assert r.returncode != 0 and "use --tower decoder" in r.stderr
+
+
+def test_the_built_in_teacher_is_checked_and_makes_pseudo_images(default_captioner_bundle, images):
+    """The built-in captioner is rebuilt from packaged weights, checked token for token against its bundle, and
+    captions simulated tower outputs exactly as the runtime captions real images."""
+    from edgemm._distill_caption import _check_teacher
+
+    bundle = Bundle(default_captioner_bundle)
+    teacher = caption_teacher(bundle)
+    runtime = edgemm.load(default_captioner_bundle, threads=1)
+    assert _check_teacher(teacher, runtime) == {"photos": 4, "same_tokens": True}
+    states = teacher.synthetic(6, images[0])
+    assert states.shape[0] == 6 and states.shape[1:] == teacher.image_states(
+        torch.from_numpy(runtime.preprocess(images[1][:1], color="rgb"))).shape[1:]
+    tokens = teacher.caption_states(states)
+    g = bundle.manifest.generation
+    assert all(t[: len(g.start_ids)] == list(g.start_ids) and len(t) > len(g.start_ids) + 1 for t in tokens)
+    assert len({tuple(t) for t in tokens}) > 1  # different classes, different captions
+    assert teacher.synthetic(6, images[0]).equal(states)  # seeded: a resumed run trains on the same inputs
