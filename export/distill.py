@@ -1249,12 +1249,15 @@ class _Run:
         self.save()
         return metrics
 
+    def loss(self, idx: np.ndarray) -> torch.Tensor:
+        """The training loss of rows ``idx``."""
+        return self.task.loss(_call(self.student, self.task.feeds(idx, False)), self.targets[idx])
+
     def step(self, idx: np.ndarray) -> dict[str, float]:
         lr = _learning_rate(self.options, self.state.step, self.total)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        outputs = _call(self.student, self.task.feeds(idx, False))
-        loss = self.task.loss(outputs, self.targets[idx])
+        loss = self.loss(idx)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from edgemm.export.distill import _hash_module, _learning_rate, _Run, _selection, _start, _Task, _threads, _train
+from edgemm.export.distill import _hash_module, _Run, _selection, _start, _Task, _threads, _train
 from edgemm.runtime.errors import ExportError, InputError
 
 Progress = Callable[[int, int, int, dict[str, float]], None]  # (epoch, step, total_steps, metrics)
@@ -291,19 +291,9 @@ class _CaptionRun(_Run):
             teacher = teacher_forced_logits(self.teacher, memory, inputs)
         return teacher_forced_logits(self.student, memory, inputs), teacher, targets, mask
 
-    def step(self, idx: np.ndarray) -> dict[str, float]:
-        lr = _learning_rate(self.options, self.state.step, self.total)  # type: ignore[arg-type]
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+    def loss(self, idx: np.ndarray) -> torch.Tensor:
         student, teacher, targets, mask = self._pass(self.train_data, idx)
-        loss = _losses(student, teacher, targets, mask, self.options)  # type: ignore[arg-type]
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        value = float(loss.detach())
-        s = self.state
-        s.step, s.batch, s.loss_sum, s.rows = s.step + 1, s.batch + 1, s.loss_sum + value * len(idx), s.rows + len(idx)
-        return {"loss": value, "lr": lr}
+        return _losses(student, teacher, targets, mask, self.options)  # type: ignore[arg-type]
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -312,10 +302,10 @@ class _CaptionRun(_Run):
         for idx in self.eval_batches:
             student, teacher, targets, mask = self._pass(self.held_data, idx)
             loss_sum += float(_losses(student, teacher, targets, mask, self.options)) * len(idx)  # type: ignore[arg-type]
-            same = (student.argmax(-1) == targets) | ~mask
-            agreed += float(((student.argmax(-1) == targets) & mask).sum())
+            hit = student.argmax(-1) == targets
+            agreed += float((hit & mask).sum())
             positions += float(mask.sum())
-            whole += float(same.all(dim=1).sum())
+            whole += float((hit | ~mask).all(dim=1).sum())
         n = len(self.held_data)
         return {"held_out_loss": loss_sum / n, "held_out_token_agreement": agreed / max(positions, 1.0),
                 "held_out_caption_agreement": whole / n}

@@ -30,9 +30,14 @@ def images():
     return picked, caption_gate_images(fashion=4, emoji=4)[0][:12]
 
 
-def _captions(bundle, imgs):
-    model = edgemm.load(bundle, threads=1)
-    return [c.token_ids for c in model.caption(imgs, color="rgb")]
+def _caption_set(path, imgs):
+    """(bundle, rebuilt teacher, the teacher's encoder states and the bundle's captions of ``imgs``)."""
+    bundle = Bundle(path)
+    teacher = caption_teacher(bundle)
+    runtime = edgemm.load(path, threads=1)
+    with torch.no_grad():
+        memory = teacher.image_states(torch.from_numpy(runtime.preprocess(imgs, color="rgb")))
+    return bundle, teacher, dc.CaptionSet(memory, [c.token_ids for c in runtime.caption(imgs, color="rgb")])
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "blip"])
@@ -92,13 +97,7 @@ def test_a_failed_gate_writes_nothing_and_names_the_figure(tiny_blip_bundle, ima
 
 
 def test_an_interrupted_run_resumes_to_the_same_student(tiny_vit_gpt2_bundle, images, tmp_path):
-    train = images[0]
-    bundle = Bundle(tiny_vit_gpt2_bundle)
-    teacher = caption_teacher(bundle)
-    runtime = edgemm.load(tiny_vit_gpt2_bundle, threads=1)
-    with torch.no_grad():
-        memory = teacher.image_states(torch.from_numpy(runtime.preprocess(train, color="rgb")))
-    data = dc.CaptionSet(memory, [c.token_ids for c in runtime.caption(train, color="rgb")])
+    bundle, teacher, data = _caption_set(tiny_vit_gpt2_bundle, images[0])
     tr, ho = dc.split_captions(data, 0.2)
     g = bundle.manifest.generation
     kw = dict(pad_id=g.pad_id, prompt_length=len(g.start_ids), options=FAST)
@@ -124,13 +123,7 @@ def test_an_interrupted_run_resumes_to_the_same_student(tiny_vit_gpt2_bundle, im
 
 def test_training_follows_the_teacher(tiny_vit_gpt2_bundle, images):
     """The loss is real: a few epochs raise the held-out token agreement of a 1-layer student of random weights."""
-    train = images[0] * 2
-    bundle = Bundle(tiny_vit_gpt2_bundle)
-    teacher = caption_teacher(bundle)
-    runtime = edgemm.load(tiny_vit_gpt2_bundle, threads=1)
-    with torch.no_grad():
-        memory = teacher.image_states(torch.from_numpy(runtime.preprocess(train, color="rgb")))
-    data = dc.CaptionSet(memory, [c.token_ids for c in runtime.caption(train, color="rgb")])
+    bundle, teacher, data = _caption_set(tiny_vit_gpt2_bundle, images[0] * 2)
     g = bundle.manifest.generation
     _, report = dc.distill_decoder(teacher.lm, dc.decoder_student(teacher.lm, 1), data, data.subset(np.arange(8)),
                                    pad_id=g.pad_id, prompt_length=len(g.start_ids),
