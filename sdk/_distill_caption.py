@@ -70,10 +70,8 @@ class CaptionTeacher:
     image_states: Any  # nn.Module: pixels → encoder states (batch, memory, width)
     parts: Callable[[Any], Any]  # student LM → CaptionerParts with that decoder
     description: str
-    # Simulated inputs, where the teacher's image side allows them: (count, real images) → encoder states,
-    # and encoder states → the teacher's captions (token ids as the runtime writes them).
+    # Simulated inputs, where the teacher's image side allows them: (count, real images) → encoder states.
     synthetic: Callable[[int, Sequence[Any]], Any] | None = None
-    caption_states: Callable[[Any], list[list[int]]] | None = None
     synthetic_description: str = ""
 
 
@@ -104,8 +102,7 @@ def caption_teacher(bundle: Bundle) -> CaptionTeacher:
         c = default_captioner()
         return CaptionTeacher(c.decoder, c.image_encoder, lambda lm: default_captioner_parts(decoder=lm),
                               "the built-in captioner's Whisper tiny.en decoder (packaged weights)",
-                              partial(_pseudo_images, c, m.image), partial(_caption_states, c),
-                              "simulated tower outputs of random ImageNet classes (the adapter's pseudo images)")
+                              partial(_pseudo_images, c, m.image), "simulated tower outputs of random ImageNet classes (the adapter's pseudo images)")
     if kind == "huggingface":
         from edgemm.export.models.hf_captioner import CaptionCheckpoint
 
@@ -147,18 +144,22 @@ def _pseudo_images(c: Any, image: Any, count: int, real: Sequence[Any]) -> Any:
         return adapter(torch.from_numpy(pseudo(rng.integers(0, len(tower.class_embeddings), count), rng))).float()
 
 
-def _caption_states(c: Any, memory: Any) -> list[list[int]]:
-    """The built-in captioner's captions of encoder states, with transformers' generate() and its settings."""
+def runtime_captions(runtime: Captioner, decoder: Any, states: Any) -> list[list[int]]:
+    """The bundle's captions of encoder states (not images): the runtime's generation loop and decoder graph on
+    the cross-attention keys and values ``decoder`` (the teacher's ``StepDecoder``) computes from ``states``."""
     import torch
 
-    from edgemm.export.models.default_captioner import generate_ids
+    from edgemm.runtime.generation import generate, open_decoder
 
-    start, eos, limit = [int(i) for i in c.prompt_ids], int(c.eos_id), c.generation.max_new_tokens
+    g, names = runtime.graphs, [t.name for t in runtime.encoder_backend.outputs]
     tokens = []
-    with torch.no_grad():
-        for i in range(0, len(memory), MEMORY_BATCH * 2):
-            for row in generate_ids(c.decoder, memory[i:i + MEMORY_BATCH * 2], c.generation, c.prompt_ids, eos):
-                tokens.append([*start, *row, *([eos] if len(row) < limit else [])])
+    for i in range(0, len(states), MEMORY_BATCH):
+        with torch.no_grad():
+            cross = [t.numpy() for pair in decoder.cross(states[i:i + MEMORY_BATCH]) for t in pair]
+        cache = open_decoder(g.decoder_backend, g.graph, dict(zip(names, cross)))
+        rows = len(cross[0])
+        tokens += [h.tokens for h in generate(cache, g.prompt(rows), runtime.settings, g.spec.eos_ids, g.spec.pad_id,
+                                              g.spec.max_positions)]
     return tokens
 
 
@@ -173,14 +174,14 @@ def _check_teacher(teacher: CaptionTeacher, runtime: Captioner) -> dict[str, Any
     if got != expected:
         raise BundleError(f"the captioner rebuilt for '{runtime.bundle.path}' ({teacher.description}) does not "
                           "write the bundle's captions; the weights changed since it was exported. Export it again.")
-    if teacher.caption_states is not None:  # the simulated inputs' captions must be the runtime's too
+    if teacher.synthetic is not None:  # simulated inputs are captioned from their states: that path must agree
         import torch
 
         with torch.no_grad():
             states = teacher.image_states(torch.from_numpy(runtime.preprocess(photos, color="rgb")))
-        if teacher.caption_states(states) != got:
+        if runtime_captions(runtime, parts.decoder, states) != got:
             raise BundleError(f"captioning encoder states directly does not give '{runtime.bundle.path}''s captions "
-                              "of the same photos; the teacher's generation settings differ from the bundle's.")
+                              "of the same photos; the rebuilt decoder's cross-attention differs from the bundle's.")
     return {"photos": len(photos), "same_tokens": True}
 
 
@@ -368,10 +369,11 @@ def distill_captioner(
     captions = runtime.caption(list(train_images), color="rgb", batch_size=16)
     step("computing their encoder states with the teacher's image side")
     memory, tokens = _memory(teacher, runtime, train_images), [list(c.token_ids) for c in captions]
-    if teacher.synthetic is not None and teacher.caption_states is not None and synthetic:
+    if teacher.synthetic is not None and synthetic:
         step(f"captioning {synthetic} {teacher.synthetic_description}")
         extra = teacher.synthetic(synthetic, train_images)
-        memory, tokens = torch.cat([memory, extra]), tokens + teacher.caption_states(extra)
+        captions_of = runtime_captions(runtime, teacher.parts(teacher.lm).decoder, extra)
+        memory, tokens = torch.cat([memory, extra]), tokens + captions_of
         described += f", and {synthetic} {teacher.synthetic_description}"
     data = dc.CaptionSet(memory, tokens)
     train_set, held_set = dc.split_captions(data, options.held_out_fraction, options.seed)

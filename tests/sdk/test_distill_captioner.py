@@ -169,9 +169,9 @@ def test_cli_distils_a_captioner_decoder(tiny_blip_bundle, images, tmp_path):
 
 
 def test_the_built_in_teacher_is_checked_and_makes_pseudo_images(default_captioner_bundle, images):
-    """The built-in captioner is rebuilt from packaged weights, checked token for token against its bundle, and
-    captions simulated tower outputs exactly as the runtime captions real images."""
-    from edgemm._distill_caption import _check_teacher
+    """The built-in captioner is rebuilt from packaged weights and checked token for token against its bundle
+    (captioning the photos' encoder states directly included); its pseudo images are seeded."""
+    from edgemm._distill_caption import _check_teacher, runtime_captions
 
     bundle = Bundle(default_captioner_bundle)
     teacher = caption_teacher(bundle)
@@ -180,7 +180,7 @@ def test_the_built_in_teacher_is_checked_and_makes_pseudo_images(default_caption
     states = teacher.synthetic(6, images[0])
     assert states.shape[0] == 6 and states.shape[1:] == teacher.image_states(
         torch.from_numpy(runtime.preprocess(images[1][:1], color="rgb"))).shape[1:]
-    tokens = teacher.caption_states(states)
+    tokens = runtime_captions(runtime, teacher.parts(teacher.lm).decoder, states)
     g = bundle.manifest.generation
     assert all(t[: len(g.start_ids)] == list(g.start_ids) and len(t) > len(g.start_ids) + 1 for t in tokens)
     assert len({tuple(t) for t in tokens}) > 1  # different classes, different captions
