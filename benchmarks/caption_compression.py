@@ -1,11 +1,11 @@
-"""Compressed captioners against their fp32 teacher: size, decoding speed per token and per caption, gate figures.
+"""Compressed captioners (quantized or distilled) against their fp32 teacher: size, speed per token and caption, gate.
 
 Every bundle captions the same held-out images (the caption gate's) with greedy
 decoding and exactly ``--new-tokens`` new tokens (``min_new_tokens =
 max_new_tokens``, so an early end cannot flatter a side), at batch 1 and batch
 8, in alternating blocks (``_common.interleaved_rounds``); speed-ups are ratios
-of medians from this one run. The gate figures are the ones ``edgemm quantize``
-recorded in each bundle's manifest.
+of medians from this one run. The gate figures are the ones
+recorded in each bundle's manifest (``edgemm quantize`` or ``edgemm distill --tower decoder``).
 
 Usage:
     python benchmarks/caption_compression.py TEACHER CANDIDATE [CANDIDATE ...] [--threads 2] [--new-tokens 20]
@@ -62,13 +62,17 @@ def main(argv: list[str] | None = None) -> int:
     for b, (name, times) in zip(args.bundles, rows.items()):
         model = models[name]
         size = sum(model.bundle.graph_path(r).stat().st_size for r in model.manifest.graphs) / 1e6
-        gate = (model.manifest.verification.get("quantization") or {}).get("gate")
+        v = model.manifest.verification
+        gate = (v.get("quantization") or v.get("distillation") or {}).get("gate")
+        student = (v.get("distillation") or {}).get("student")
+        kind = model.manifest.precision + (f", decoder {student['layers']} of {student['teacher_layers']} layers"
+                                           if student else "")
         speed = {k: rows[teacher][k] / v for k, v in times.items()}
         report.append({"bundle": b, "precision": model.manifest.precision, "graphs_mb": size, "ms": times,
                        "speedup": speed, "gate": gate})
         figures = (f"{gate['exact_match']:.1%} | {gate['token_agreement']:.1%} | {gate['bleu4']:.3f}" if gate
                    else "teacher | teacher | teacher")
-        lines.append(f"| {name} ({model.manifest.precision}) | {size:.1f} MB | {times[1]:.1f} ms ({speed[1]:.2f}x) | "
+        lines.append(f"| {name} ({kind}) | {size:.1f} MB | {times[1]:.1f} ms ({speed[1]:.2f}x) | "
                      f"{times[1] / n:.2f} ms | {times[8]:.1f} ms ({speed[8]:.2f}x) | {times[8] / n:.2f} ms | {figures} |")
     table = "\n".join(lines)
     notes = (f"{len(images)} held-out images, greedy, exactly {n} new tokens; medians of {args.rounds} rounds x "
