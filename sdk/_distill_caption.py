@@ -43,7 +43,7 @@ from edgemm.runtime.bundle import Bundle
 from edgemm.runtime.errors import BundleError, InputError, VerificationError
 from edgemm.runtime.manifest import CAPTION_DECODER
 
-DEFAULT_DECODER_LAYERS = 2  # of the built-in captioner's 4 (Whisper tiny.en): measured in benchmarks/caption_compression
+DEFAULT_DECODER_LAYERS = 2  # of the built-in captioner's 4 (Whisper tiny.en); its gate figures are in the README
 TRAIN_PHOTO_CROPS = 300  # crops and flips of the even-numbered sample photos
 TRAIN_FASHION = 1000  # Fashion-MNIST training images
 MEMORY_BATCH = 32  # images per pass of the teacher's image side
