@@ -35,7 +35,8 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
@@ -1190,14 +1191,21 @@ def train(student: nn.Module, params: dict[str, nn.Parameter], task: _Task,
     flags put back afterwards. ``identity`` (hashes of teacher and input
     pipeline) and ``data`` (a hash of the rows) go into the checkpoint's fingerprint.
     """
+    with only_trained(student, params):
+        fingerprint = _fingerprint(identity, student, data, task.other, options) if folder else {}
+        return _train(_Run(student, params, task, targets, options, folder, fingerprint), resume, progress)
+
+
+@contextmanager
+def only_trained(student: nn.Module, params: dict[str, nn.Parameter]) -> Iterator[None]:
+    """Gradients for ``params`` alone within the block; every parameter's flag is put back afterwards."""
     flags = {name: p.requires_grad for name, p in student.named_parameters()}
     try:
         for p in student.parameters():
             p.requires_grad_(False)
         for p in params.values():
             p.requires_grad_(True)
-        fingerprint = _fingerprint(identity, student, data, task.other, options) if folder else {}
-        return _train(_Run(student, params, task, targets, options, folder, fingerprint), resume, progress)
+        yield
     finally:
         for name, p in student.named_parameters():
             p.requires_grad_(flags[name])

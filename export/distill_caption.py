@@ -43,7 +43,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from edgemm.export.distill import _hash_module, _Run, _selection, _start, _Task, _threads, _train
+from edgemm.export.distill import _hash_module, _Run, _selection, _start, _Task, _threads, _train, only_trained
 from edgemm.runtime.errors import ExportError, InputError
 
 Progress = Callable[[int, int, int, dict[str, float]], None]  # (epoch, step, total_steps, metrics)
@@ -369,27 +369,18 @@ def distill_decoder(teacher: nn.Module, student: nn.Module, train_data: CaptionS
     folder = _start(checkpoint_dir, resume)
     teacher.eval()
     params = trainable(student)
-    flags = {name: p.requires_grad for name, p in student.named_parameters()}
-    try:
-        for p in student.parameters():
-            p.requires_grad_(False)
-        for p in params.values():
-            p.requires_grad_(True)
-        with torch.random.fork_rng(devices=[]), _threads(options.threads):
-            torch.manual_seed(options.seed)
-            fingerprint = {}
-            if folder is not None:
-                settings = {k: v for k, v in asdict(options).items() if k not in ("threads", "checkpoint_every")}
-                fingerprint = {"teacher": _hash_module(teacher), "student": _hash_module(student),
-                               "data": hashlib.sha256((train_data.digest() + held_out.digest()
-                                                       + f"{pad_id}:{prompt_length}").encode()).hexdigest(),
-                               "options": hashlib.sha256(repr(sorted(settings.items())).encode()).hexdigest()}
-            run = _CaptionRun(student, teacher, params, (train_data, held_out), pad_id, prompt_length, options,
-                              folder, fingerprint)
-            return _train(run, resume, progress)  # type: ignore[return-value]
-    finally:
-        for name, p in student.named_parameters():
-            p.requires_grad_(flags[name])
+    with only_trained(student, params), torch.random.fork_rng(devices=[]), _threads(options.threads):
+        torch.manual_seed(options.seed)
+        fingerprint = {}
+        if folder is not None:
+            settings = {k: v for k, v in asdict(options).items() if k not in ("threads", "checkpoint_every")}
+            fingerprint = {"teacher": _hash_module(teacher), "student": _hash_module(student),
+                           "data": hashlib.sha256((train_data.digest() + held_out.digest()
+                                                   + f"{pad_id}:{prompt_length}").encode()).hexdigest(),
+                           "options": hashlib.sha256(repr(sorted(settings.items())).encode()).hexdigest()}
+        run = _CaptionRun(student, teacher, params, (train_data, held_out), pad_id, prompt_length, options,
+                          folder, fingerprint)
+        return _train(run, resume, progress)  # type: ignore[return-value]
 
 
 def memory_bytes(rows: int, memory_shape: Sequence[int]) -> int:
