@@ -118,12 +118,29 @@ def _read_file(path: Path) -> np.ndarray:
             return _pil_to_rgb(im, f"'{path}'")
 
 
+def decode_image(data: bytes, where: str = "image") -> np.ndarray:
+    """An encoded image (JPEG, PNG, BMP, WebP, … bytes, e.g. a request body) → RGB uint8 (H, W, 3).
+
+    Raises:
+        InputError: The bytes are no image Pillow can decode, or one larger than ``edgemm.limits.max_image_pixels``.
+    """
+    import io
+
+    from PIL import Image
+
+    if not data:
+        raise InputError(f"{where}: the encoded image is empty (0 bytes).")
+    with _decoding(where, "could not be decoded as an image", "send the bytes of a JPEG, PNG, BMP, … file."):
+        with Image.open(io.BytesIO(data)) as im:
+            return _pil_to_rgb(im, where)
+
+
 def to_rgb(image: Any, color: str = "bgr", *, where: str = "image") -> np.ndarray:
     """Any supported image → contiguous RGB uint8 array (H, W, 3).
 
     Args:
         image: numpy uint8 (or uint16, scaled by 1/257) array (H, W), (H, W, 1),
-            (H, W, 3) or (H, W, 4); a PIL image; or a path to an image file.
+            (H, W, 3) or (H, W, 4); a PIL image; a path to an image file; or an encoded image's bytes.
         color: Channel order of 3/4-channel arrays: ``"bgr"`` (OpenCV frames,
             the default) or ``"rgb"``. Files and PIL images carry their own.
         where: How to name this image in error messages.
@@ -136,6 +153,8 @@ def to_rgb(image: Any, color: str = "bgr", *, where: str = "image") -> np.ndarra
         raise InputError(f"color must be one of {COLOR_ORDERS}, got {color!r}.")
     if isinstance(image, (str, os.PathLike)):
         return _read_file(Path(image))
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return decode_image(bytes(image), where)
     if not isinstance(image, np.ndarray):
         try:
             from PIL import Image

@@ -64,13 +64,14 @@ def open_graph(bundle: Bundle, role: str, backend: str, options: dict[str, Any])
     ``backend="tensorrt"`` opens the graph's engine (``bundle.engines``, set by
     :func:`edgemm._engines.ensure_engines`); ONNX Runtime's TensorRT provider gets
     its engine cache and profiles from the bundle (:func:`edgemm._engines.ort_provider_options`).
-    Inside :func:`edgemm._engines.recording`, every call's feeds and outputs are kept.
+    Inside :func:`edgemm._engines.recording`, every call's feeds and outputs are kept; inside
+    :func:`edgemm._batcher.batching`, concurrent calls share graph runs.
 
     Raises:
         BundleError: The graph does not match what the manifest declares.
         BackendError: TensorRT was asked for and the bundle's engines were not prepared.
     """
-    from edgemm import _engines
+    from edgemm import _batcher, _engines
 
     if backend == "tensorrt":
         if role not in bundle.engines:
@@ -84,7 +85,7 @@ def open_graph(bundle: Bundle, role: str, backend: str, options: dict[str, Any])
         bundle.manifest.check_graph(role, opened.inputs, opened.outputs)
     except BundleError as e:
         raise BundleError(f"bundle '{bundle.path}': {e}. Re-export the bundle.") from None
-    return _engines.record(role, opened)
+    return _batcher.batched(bundle, role, _engines.record(role, opened))
 
 
 def _is_batch(images: Any) -> bool:
