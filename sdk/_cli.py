@@ -1,4 +1,4 @@
-"""The ``edgemm`` command line: export, quantize, bench, info, classify, caption, embed, index, eval."""
+"""The ``edgemm`` command line: export, quantize, bench, info, classify, caption, embed, index, eval, serve."""
 
 from __future__ import annotations
 
@@ -431,6 +431,30 @@ def cmd_caption(args: argparse.Namespace) -> int:
         return 0
     for p, c in zip(paths, captions):
         print(f"{p}: {c.text}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from edgemm._serve import InferenceServer
+
+    engines = None
+    if args.backend == "tensorrt" or "tensorrt" in args.providers.split(","):
+        from edgemm.runtime.engines import EngineOptions
+
+        engines = EngineOptions(precision=args.engine_precision, quiet=args.quiet)
+    server = InferenceServer(args.bundle, default=args.default, host=args.host, port=args.port,
+                             max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, workers=args.workers,
+                             threads=args.threads, providers=tuple(args.providers.split(",")), backend=args.backend,
+                             engines=engines, max_body_bytes=args.max_body_mb << 20, max_items=args.max_items,
+                             verbose=args.verbose)
+    print(f"edgemm: serving {server.bundle.path} at {server.url} (models: {', '.join(sorted(server.models))}); "
+          "Ctrl-C stops", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("edgemm: stopping", file=sys.stderr)
+    finally:
+        server.close()
     return 0
 
 
@@ -903,6 +927,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--question", default=None, help="ask a question about each image (a BLIP VQA bundle)")
     runtime_options(p)
     p.set_defaults(func=cmd_caption)
+
+    p = sub.add_parser("serve", help="serve a bundle over the Open Inference Protocol (KServe v2; Triton's clients "
+                                     "and perf_analyzer work against it)",
+                       description="Serve a bundle over HTTP with Triton's routes: each graph is a model, plus "
+                       "classify / embed_image / embed_text (a dual encoder) or caption (a captioner); concurrent "
+                       "requests share graph runs through a dynamic batcher.")
+    p.add_argument("bundle", nargs="?", default=None, help="bundle directory (default: the built-in model)")
+    p.add_argument("--default", default="default", choices=("default", "captioner", "matching", "audio-visual"),
+                   help="the built-in model to serve when no bundle is given")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free one)")
+    p.add_argument("--max-batch", type=_positive_int, default=32, help="rows one graph run takes at most")
+    p.add_argument("--max-delay-ms", type=float, default=5.0,
+                   help="how long a request waits for others to share its graph run (default 5)")
+    p.add_argument("--workers", type=_positive_int, default=1, help="graph runs in flight at once, per graph")
+    p.add_argument("--max-body-mb", type=_positive_int, default=64, help="largest request body (MiB)")
+    p.add_argument("--max-items", type=_positive_int, default=256,
+                   help="images or texts one classify / embed / caption request may carry")
+    p.add_argument("--verbose", action="store_true", help="log every request")
+    p.add_argument("--providers", default="cpu", help="ONNX Runtime providers, comma-separated: cpu, cuda, tensorrt")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads per graph (default: cores / workers)")
+    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"))
+    p.add_argument("--engine-precision", default=None, choices=("fp32", "fp16", "int8"))
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("distill", help="distil a bundle's text or image tower, or a captioner's decoder, into a "
                                        "smaller, faster student (gated)")
