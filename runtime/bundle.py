@@ -33,13 +33,16 @@ class Bundle:
         path: The bundle directory.
         check_hashes: Recompute every file's sha256 against the manifest (a few
             hundred ms for the default bundle); turn off only for trusted, read-only media.
+        graphs: Whether the graphs are here. False for a bundle whose graphs run elsewhere (the
+            Python models of a Triton repository, whose graphs are Triton's own models): graph files
+            are neither required nor read, and :meth:`graph_path` names where they would be.
 
     Raises:
         BundleError: The directory or a file is missing, a file lies outside the
             bundle or was altered, or the schema is newer than this runtime.
     """
 
-    def __init__(self, path: str | Path, *, check_hashes: bool = True):
+    def __init__(self, path: str | Path, *, check_hashes: bool = True, graphs: bool = True):
         self.path = Path(path)
         if not self.path.exists():
             raise BundleError(
@@ -52,8 +55,12 @@ class Bundle:
         self.engine_options: Any = None  # the EngineOptions TensorRT builds with (native, or ONNX Runtime's provider)
         self.manifest: Manifest = read_manifest(self.path)
         fields = {rel: name for name, rel in self.manifest.named_files()}
-        self._files = {rel: self._inside(rel, fields.get(rel, "files")) for rel in self.manifest.files}
+        self.graphs_elsewhere = {g.file for g in self.manifest.graphs.values()} if not graphs else set()
+        self._files = {rel: self._inside(rel, fields.get(rel, "files")) for rel in self.manifest.files
+                       if rel not in self.graphs_elsewhere}
         for rel, digest in self.manifest.files.items():
+            if rel in self.graphs_elsewhere:
+                continue
             if check_hashes and sha256_file(self._files[rel]) != digest:
                 raise BundleError(
                     f"bundle '{self.path}': '{rel}' does not match the hash in its manifest (altered or corrupted). "
@@ -87,7 +94,8 @@ class Bundle:
         if role not in self.manifest.graphs:
             have = ", ".join(sorted(self.manifest.graphs)) or "none"
             raise BundleError(f"bundle '{self.path}' has no '{role}' graph (it has: {have}).")
-        return self.file(self.manifest.graphs[role].file)
+        rel = self.manifest.graphs[role].file
+        return self._root / rel if rel in self.graphs_elsewhere else self.file(rel)
 
     def read_json(self, rel: str) -> Any:
         """A JSON file of the bundle (labels, scene names), at most ``edgemm.limits.max_json_bytes``."""

@@ -94,7 +94,7 @@ class BatchedBackend(Backend):
         InputError: A non-positive ``max_batch`` or ``workers``, or a negative ``max_delay_ms``.
     """
 
-    def __init__(self, inner: Backend, *, max_batch: int = 32, max_delay_ms: float = 5.0, workers: int = 1,
+    def __init__(self, inner: Backend, *, max_batch: int = 32, max_delay_ms: float = 0.0, workers: int = 1,
                  pad_values: dict[str, int] | None = None, name: str | None = None):
         super().__init__()
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:

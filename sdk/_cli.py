@@ -99,7 +99,29 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def cmd_export_triton(args: argparse.Namespace) -> int:
+    from edgemm._triton_repo import TritonOptions, export_triton
+
+    if args.bundle is None:
+        raise InputError("'edgemm export triton' needs the bundle: edgemm export triton BUNDLE -o REPO.")
+    options = TritonOptions(target=args.target, graph_backend=args.graph_backend, max_batch=args.max_batch,
+                            max_delay_ms=args.max_delay_ms, instances=args.instances, fp16=not args.no_fp16,
+                            fp16_text=args.fp16_text, workspace_gb=args.workspace_gb, engine_cache=args.engine_cache,
+                            site_packages=args.site_packages)
+    names = export_triton(args.bundle, args.output, options, overwrite=args.force)
+    if args.quiet:
+        print(args.output)
+    else:
+        print(f"wrote Triton model repository {args.output}: {', '.join(names)}")
+        print(f"  tritonserver --model-repository {Path(args.output).absolute()}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.model == "triton":
+        return cmd_export_triton(args)
+    if args.bundle is not None:
+        raise InputError(f"'edgemm export {args.model}' takes no bundle argument (only 'edgemm export triton' does).")
     if args.model == "clip" and args.source is None:
         raise InputError("'edgemm export clip' needs --from FOLDER (a local Hugging Face CLIP/SigLIP folder).")
     if args.model not in FROM_FOLDER and args.source is not None:
@@ -837,19 +859,38 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="print JSON")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
-    p = sub.add_parser("export", help="build, export and verify a bundle")
-    p.add_argument("model", choices=tuple(EXPORT_STEPS),
-                   help="'default': the packaged EfficientNet-Lite0 + MiniLM dual encoder; "
+    p = sub.add_parser("export", help="build, export and verify a bundle; or write a Triton model repository")
+    p.add_argument("model", choices=(*EXPORT_STEPS, "triton"),
+                   help="'triton BUNDLE': a Triton model repository of a bundle (see the triton options); "
+                        "'default': the packaged EfficientNet-Lite0 + MiniLM dual encoder; "
                         "'audio-visual': the default plus SoundNet-8 (frames + sound); "
                         "'matching': the default plus its image-text matching head; "
                         "'clip': a local Hugging Face CLIPModel or SiglipModel folder given with --from; "
                         "'captioner': the built-in captioner, or with --from a local VisionEncoderDecoderModel "
                         "(ViT/DeiT + GPT-2), BlipForConditionalGeneration or BlipForQuestionAnswering folder")
+    p.add_argument("bundle", nargs="?", default=None, help="triton: the bundle to write a repository for")
     p.add_argument("--from", dest="source", help="checkpoint folder (config.json, weights, tokenizer, preprocessor config)")
     p.add_argument("--name", help="bundle name (default: the folder's name)")
-    p.add_argument("-o", "--output", required=True, help="bundle directory to create")
-    p.add_argument("--force", action="store_true", help="replace an existing bundle")
+    p.add_argument("-o", "--output", required=True, help="bundle (or, for triton, repository) directory to create")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle or repository")
     p.add_argument("-q", "--quiet", action="store_true")
+    t = p.add_argument_group("triton", "options of 'edgemm export triton BUNDLE -o REPO'")
+    t.add_argument("--target", default="cpu", choices=("cpu", "gpu"),
+                   help="gpu: KIND_GPU and ONNX Runtime's TensorRT accelerator (engine cache, FP16 image graphs)")
+    t.add_argument("--graph-backend", default="onnxruntime", choices=("onnxruntime", "python"),
+                   help="python: graphs run by edgemm inside Triton's Python backend (a Triton without ONNX Runtime)")
+    t.add_argument("--max-batch", type=_positive_int, default=32, help="max_batch_size of the graphs that batch")
+    t.add_argument("--max-delay-ms", type=float, default=0.0, help="dynamic_batching queue delay (default 0)")
+    t.add_argument("--instances", type=_positive_int, default=1, help="instance_group count per model")
+    t.add_argument("--no-fp16", action="store_true", help="gpu: TensorRT FP32 for every graph")
+    t.add_argument("--fp16-text", action="store_true",
+                   help="gpu: FP16 for the text graph too (measure it first: a known accuracy trap)")
+    t.add_argument("--workspace-gb", type=float, default=2.0, help="gpu: TensorRT workspace limit (GiB)")
+    t.add_argument("--engine-cache", default="/tmp/edgemm-triton-engines",
+                   help="gpu: where TensorRT engines and timing caches persist on the server")
+    t.add_argument("--site-packages", default="",
+                   help="folders (':'-separated) added to Triton's Python, e.g. a virtualenv's site-packages with "
+                        "edgemm installed")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("quantize", help="convert a bundle to fp16 or int8, gated against its fp32 source")
@@ -939,8 +980,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free one)")
     p.add_argument("--max-batch", type=_positive_int, default=32, help="rows one graph run takes at most")
-    p.add_argument("--max-delay-ms", type=float, default=5.0,
-                   help="how long a request waits for others to share its graph run (default 5)")
+    p.add_argument("--max-delay-ms", type=float, default=0.0,
+                   help="how long a request waits for others to share its graph run (default 0: a run takes "
+                        "whatever queued while the previous one ran)")
     p.add_argument("--workers", type=_positive_int, default=1, help="graph runs in flight at once, per graph")
     p.add_argument("--max-body-mb", type=_positive_int, default=64, help="largest request body (MiB)")
     p.add_argument("--max-items", type=_positive_int, default=256,

@@ -198,3 +198,36 @@ def fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def staged_directory(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """A hidden sibling directory to fill; on a clean exit it replaces ``out`` in one rename.
+
+    An exception (or a killed process) leaves at most a hidden ``.<name>.tmp-*`` folder, never a half-written
+    ``out``; an existing ``out`` is kept until the new one is complete.
+
+    Raises:
+        InputError: ``out`` exists and ``overwrite`` is off, or it is not a directory.
+    """
+    import shutil
+    import uuid
+
+    out = Path(out).absolute()
+    if out.exists() and (not overwrite or not out.is_dir()):
+        raise InputError(f"'{out}' exists{'' if out.is_dir() else ' and is not a directory'}; choose another path"
+                         + (" or pass --force (overwrite=True)." if out.is_dir() else "."))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        yield staging
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}" if out.exists() else None
+        if old is not None:
+            os.replace(out, old)
+        os.replace(staging, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)

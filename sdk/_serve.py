@@ -213,7 +213,7 @@ class _ImageModel(ServedModel):
 
     def __init__(self, name: str, model: Any, inputs: list[ServedTensor], outputs: list[ServedTensor],
                  max_items: int):
-        super().__init__(name, [_IMAGE, _FRAMES, *inputs], outputs)
+        super().__init__(name, inputs, outputs)
         self.model, self.max_items = model, max_items
 
     def _images(self, inputs: dict[str, np.ndarray], parameters: dict[str, Any]) -> list[np.ndarray]:
@@ -239,12 +239,14 @@ class _ImageModel(ServedModel):
 class ClassifyModel(_ImageModel):
     """``model.classify``: images and (optionally) labels in; the top-k labels and scores per image out."""
 
+    @staticmethod
+    def signature(dim: int) -> tuple[list[ServedTensor], list[ServedTensor]]:
+        return ([_IMAGE, _FRAMES, ServedTensor("labels", "BYTES", (-1,), optional=True),
+                 ServedTensor("top_k", "INT32", (1,), optional=True)],
+                [ServedTensor("labels", "BYTES", (-1, -1)), ServedTensor("scores", "FP32", (-1, -1))])
+
     def __init__(self, model: Any, max_items: int):
-        super().__init__("classify", model,
-                         [ServedTensor("labels", "BYTES", (-1,), optional=True),
-                          ServedTensor("top_k", "INT32", (1,), optional=True)],
-                         [ServedTensor("labels", "BYTES", (-1, -1)), ServedTensor("scores", "FP32", (-1, -1))],
-                         max_items)
+        super().__init__("classify", model, *self.signature(model.dim), max_items)
 
     def _infer(self, inputs: dict[str, np.ndarray], parameters: dict[str, Any]) -> dict[str, np.ndarray]:
         images = self._images(inputs, parameters)
@@ -259,8 +261,12 @@ class ClassifyModel(_ImageModel):
 class EmbedImageModel(_ImageModel):
     """``model.embed_images``: images in, L2-normalised embeddings out."""
 
+    @staticmethod
+    def signature(dim: int) -> tuple[list[ServedTensor], list[ServedTensor]]:
+        return [_IMAGE, _FRAMES], [ServedTensor("embedding", "FP32", (-1, dim))]
+
     def __init__(self, model: Any, max_items: int):
-        super().__init__("embed_image", model, [], [ServedTensor("embedding", "FP32", (-1, model.dim))], max_items)
+        super().__init__("embed_image", model, *self.signature(model.dim), max_items)
 
     def _infer(self, inputs: dict[str, np.ndarray], parameters: dict[str, Any]) -> dict[str, np.ndarray]:
         return {"embedding": self.model.embed_images(self._images(inputs, parameters), color="rgb")}
@@ -269,9 +275,12 @@ class EmbedImageModel(_ImageModel):
 class EmbedTextModel(ServedModel):
     """``model.embed_texts``: UTF-8 texts in, L2-normalised embeddings out."""
 
+    @staticmethod
+    def signature(dim: int) -> tuple[list[ServedTensor], list[ServedTensor]]:
+        return [ServedTensor("text", "BYTES", (-1,))], [ServedTensor("embedding", "FP32", (-1, dim))]
+
     def __init__(self, model: Any, max_items: int):
-        super().__init__("embed_text", [ServedTensor("text", "BYTES", (-1,))],
-                         [ServedTensor("embedding", "FP32", (-1, model.dim))])
+        super().__init__("embed_text", *self.signature(model.dim))
         self.model, self.max_items = model, max_items
 
     def _infer(self, inputs: dict[str, np.ndarray], parameters: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -291,9 +300,13 @@ class CaptionModel(_ImageModel):
     Request parameters ``max_new_tokens`` and ``num_beams`` override the bundle's decoding settings.
     """
 
+    @staticmethod
+    def signature(dim: int) -> tuple[list[ServedTensor], list[ServedTensor]]:
+        return ([_IMAGE, _FRAMES, ServedTensor("prompt", "BYTES", (1,), optional=True)],
+                [ServedTensor("caption", "BYTES", (-1,)), ServedTensor("score", "FP32", (-1,))])
+
     def __init__(self, model: Any, max_items: int):
-        super().__init__("caption", model, [ServedTensor("prompt", "BYTES", (1,), optional=True)],
-                         [ServedTensor("caption", "BYTES", (-1,)), ServedTensor("score", "FP32", (-1,))], max_items)
+        super().__init__("caption", model, *self.signature(0), max_items)
 
     def _infer(self, inputs: dict[str, np.ndarray], parameters: dict[str, Any]) -> dict[str, np.ndarray]:
         images = self._images(inputs, parameters)
@@ -346,7 +359,10 @@ class InferenceServer:
         host: Address to listen on (``127.0.0.1``: this machine only; ``0.0.0.0``: every interface).
         port: TCP port; 0 picks a free one (see :attr:`url`).
         max_batch: Rows one graph run takes at most (Triton's ``max_batch_size``).
-        max_delay_ms: How long a request waits for others to share its graph run.
+        max_delay_ms: How long a request waits for others to share its graph run. 0 (Triton's default too):
+            no waiting — a run takes whatever queued while the previous one ran, so batches grow with the
+            load and an idle server adds no latency. Measured on 2 cores (``benchmarks/bench_serve.py``),
+            a 5 ms wait cost a lone request 7 ms and bought no throughput.
         workers: Graph runs in flight at once per graph (Triton's instance count).
         threads: Intra-op threads per graph; ``None``: the cores shared among the workers.
         providers: ONNX Runtime execution providers.
@@ -364,7 +380,7 @@ class InferenceServer:
     """
 
     def __init__(self, bundle: str | os.PathLike | None = None, *, host: str = "127.0.0.1", port: int = 8000,
-                 max_batch: int = 32, max_delay_ms: float = 5.0, workers: int = 1, threads: int | None = None,
+                 max_batch: int = 32, max_delay_ms: float = 0.0, workers: int = 1, threads: int | None = None,
                  providers: Sequence[str] = ("cpu",), backend: str = "onnxruntime",
                  engines: EngineOptions | None = None, default: str = "default", max_body_bytes: int = 64 << 20,
                  max_items: int = 256, max_connections: int = 256, verbose: bool = False):
@@ -388,7 +404,7 @@ class InferenceServer:
         for role, backend in policy.opened.items():
             self.models[role] = GraphModel(role, self.bundle.manifest, backend,
                                            max_delay_ms=max_delay_ms, instances=workers)
-        for served in _high_level_models(self.model, max_items):
+        for served in high_level_models(self.model, max_items):
             self.models[served.name] = served
         if backend == "tensorrt":  # calls that do not pass through a batcher's single worker take turns
             exclusive = threading.Lock()
@@ -456,15 +472,16 @@ class InferenceServer:
         return [{"name": name, "version": VERSION, "state": "READY"} for name in sorted(self.models)]
 
 
-def _high_level_models(model: Any, max_items: int) -> list[ServedModel]:
-    from edgemm._caption import Captioner
-    from edgemm._model import DualEncoder
+# The models with preprocessing each family gets (fusion and audio-visual bundles serve their graphs only).
+HIGH_LEVEL: dict[str, dict[str, Any]] = {
+    "dual_encoder": {"classify": ClassifyModel, "embed_image": EmbedImageModel, "embed_text": EmbedTextModel},
+    "captioner": {"caption": CaptionModel},
+}
 
-    if isinstance(model, Captioner):
-        return [CaptionModel(model, max_items)]
-    if type(model) is DualEncoder:  # its subclasses (fusion, audio-visual) serve their graphs only
-        return [ClassifyModel(model, max_items), EmbedImageModel(model, max_items), EmbedTextModel(model, max_items)]
-    return []
+
+def high_level_models(model: Any, max_items: int) -> list[ServedModel]:
+    """The family's models with preprocessing, over an opened model."""
+    return [cls(model, max_items) for cls in HIGH_LEVEL.get(model.manifest.family, {}).values()]
 
 
 # -- HTTP ----------------------------------------------------------------------------------------

@@ -20,10 +20,17 @@ def _tensorrt(path: Path, **options) -> Backend:
     return TensorRTBackend(path, **options)
 
 
+def _triton(path: Path, **options) -> Backend:
+    from edgemm.runtime.backends.triton import TritonGraphBackend
+
+    return TritonGraphBackend(path, **options)
+
+
 # backend name → (file suffix it loads, factory)
 BACKENDS = {
     "onnxruntime": (".onnx", _onnxruntime),
     "tensorrt": (".plan", _tensorrt),
+    "triton": (".onnx", _triton),  # inside Triton's Python backend: graph calls become BLS requests
 }
 
 
