@@ -76,3 +76,11 @@ def test_corrupt_onnx_file(tmp_path):
     bad.write_bytes(b"not a protobuf at all")
     with pytest.raises(BackendError, match="could not load"):
         open_backend(bad)
+
+
+def test_triton_backend_outside_triton_says_where_it_runs(default_bundle):
+    from edgemm.runtime.backends import open_backend
+    from edgemm.runtime.errors import BackendError
+
+    with pytest.raises(BackendError, match="inside Triton's Python backend"):
+        open_backend(default_bundle / "image_encoder.onnx", "triton")

@@ -248,3 +248,16 @@ def test_class_embeddings_declaring_a_huge_shape_are_refused_before_allocating(b
     _edit_manifest(bundle_copy, lambda d: d["files"].update({"class_embeddings.npy": sha256_file(path)}))
     with pytest.raises(BundleError, match="class_embeddings.npy' is not a readable .npy array"):
         edgemm.load(bundle_copy)
+
+
+def test_a_bundle_whose_graphs_run_elsewhere_opens_without_them(bundle_copy):
+    """The Python models of a Triton repository hold the bundle without its graphs (Triton runs those)."""
+    for onnx in bundle_copy.glob("*.onnx"):
+        onnx.unlink()
+    with pytest.raises(BundleError, match="incomplete"):
+        Bundle(bundle_copy)
+    bundle = Bundle(bundle_copy, graphs=False)
+    assert bundle.graph_path("image_encoder") == bundle_copy.resolve() / "image_encoder.onnx"
+    (bundle_copy / "tokenizer.json").unlink()  # every other file is still required and checked
+    with pytest.raises(BundleError, match="tokenizer.json"):
+        Bundle(bundle_copy, graphs=False)
