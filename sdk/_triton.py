@@ -127,29 +127,30 @@ def _fields(obj: dict[str, Any], depth: int, lines: list[str]) -> None:
     pad = "  " * depth
     for key, value in obj.items():
         if key in _MAP_FIELDS and isinstance(value, dict):
-            for k, v in value.items():
+            for k, v in value.items():  # a protobuf map: one {key, value} message per entry
                 lines.append(f"{pad}{key} {{")
                 lines.append(f"{pad}  key: {_quoted(k)}")
                 if isinstance(v, dict):
-                    lines.append(f"{pad}  value {{")
-                    _fields(v, depth + 2, lines)
-                    lines.append(f"{pad}  }}")
+                    _message("value", v, depth + 1, lines)
                 else:
                     lines.append(f"{pad}  value: {_scalar(key, v)}")
                 lines.append(f"{pad}}}")
         elif isinstance(value, dict):
-            lines.append(f"{pad}{key} {{")
-            _fields(value, depth + 1, lines)
-            lines.append(f"{pad}}}")
+            _message(key, value, depth, lines)
         elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
             for v in value:
-                lines.append(f"{pad}{key} {{")
-                _fields(v, depth + 1, lines)
-                lines.append(f"{pad}}}")
+                _message(key, v, depth, lines)
         elif isinstance(value, list):
             lines.append(f"{pad}{key}: [{', '.join(_scalar(key, v) for v in value)}]")
         else:
             lines.append(f"{pad}{key}: {_scalar(key, value)}")
+
+
+def _message(key: str, obj: dict[str, Any], depth: int, lines: list[str]) -> None:
+    pad = "  " * depth
+    lines.append(f"{pad}{key} {{")
+    _fields(obj, depth + 1, lines)
+    lines.append(f"{pad}}}")
 
 
 def _scalar(key: str, value: Any) -> str:
