@@ -101,13 +101,15 @@ def _positive_int(text: str) -> int:
 
 def cmd_export_triton(args: argparse.Namespace) -> int:
     from edgemm._triton_repo import TritonOptions, export_triton
+    from edgemm.runtime.engines import EngineOptions
 
     if args.bundle is None:
         raise InputError("'edgemm export triton' needs the bundle: edgemm export triton BUNDLE -o REPO.")
     options = TritonOptions(target=args.target, graph_backend=args.graph_backend, max_batch=args.max_batch,
                             max_delay_ms=args.max_delay_ms, instances=args.instances, fp16=not args.no_fp16,
                             fp16_text=args.fp16_text, workspace_gb=args.workspace_gb, engine_cache=args.engine_cache,
-                            site_packages=args.site_packages)
+                            site_packages=args.site_packages,
+                            engines=EngineOptions(quiet=args.quiet) if args.engines else None)
     names = export_triton(args.bundle, args.output, options, overwrite=args.force)
     if args.quiet:
         print(args.output)
@@ -725,21 +727,52 @@ def _embed_readable(model, chunk: list[Path], skipped: dict[Path, str]) -> tuple
     return good, np.array(vectors, np.float32).reshape(len(good), model.dim)
 
 
+def _qdrant_index(args: argparse.Namespace, dim: int | None) -> Any:
+    """The Qdrant collection an index command names instead of a file (--qdrant LOCATION --collection NAME)."""
+    from edgemm._qdrant import QdrantIndex
+
+    if not args.collection:
+        raise InputError("--qdrant needs --collection NAME (the Qdrant collection to use).")
+    if getattr(args, "kind", None):
+        raise InputError("--kind chooses the layout of a new index file; a Qdrant collection indexes itself.")
+    return QdrantIndex(args.qdrant, args.collection, dim=dim)
+
+
 def cmd_index_add(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from edgemm._index import VectorIndex
 
-    path = Path(args.index)
-    _check_folder(path, "index")
+    if args.qdrant:  # every positional argument is an image then
+        images, path = [a for a in (args.index, *args.images) if a is not None], None
+    elif not args.images:
+        raise InputError("give an index file and at least one image file or directory "
+                         "(or --qdrant LOCATION --collection NAME and the images).")
+    else:
+        images, path = args.images, Path(args.index)
+        _check_folder(path, "index")
+    if not images:
+        raise InputError("give at least one image file or directory to add.")
     model = _load(args)
-    index = VectorIndex.load(path) if path.exists() else VectorIndex(model.dim)
+    if path is None:
+        index, where = _qdrant_index(args, model.dim), f"Qdrant collection {args.collection!r} at {args.qdrant}"
+    elif path.exists():
+        index, where = VectorIndex.load(path), str(path)
+        if args.kind and args.kind != index.kind:
+            print(f"edgemm: {path} is an existing {index.kind} index and stays one; --kind {args.kind} applies "
+                  "when creating an index", file=sys.stderr)
+    else:
+        index, where = VectorIndex(model.dim, kind=args.kind or "exact"), str(path)
     if index.dim != model.dim:
-        raise InputError(f"index '{path}' holds {index.dim}-d vectors but the model embeds {model.dim}-d.")
+        raise InputError(f"index '{where}' holds {index.dim}-d vectors but the model embeds {model.dim}-d.")
+
+    def save() -> None:
+        if path is not None:  # Qdrant stores every add itself
+            index.save(path)
     # Ids are resolved paths, so a file named twice (./a.jpg, a folder holding it, a link to it) is added once;
     # p.absolute() was the id before, and still marks a file as present in an index made then.
     todo, seen, present = [], set(), 0
-    for p in _image_paths(args.images):
+    for p in _image_paths(images):
         real = p.resolve()
         if real not in seen:
             seen.add(real)
@@ -755,8 +788,8 @@ def cmd_index_add(args: argparse.Namespace) -> int:
         try:
             good, vectors = _embed_readable(model, chunk, skipped)
         except KeyboardInterrupt:  # keep what was embedded; a rerun of the same command continues from there
-            if unsaved:
-                index.save(path)
+            if unsaved and path is not None:
+                save()
                 tqdm.write(f"edgemm: saved {len(index)} images to {path}; rerun to continue", file=sys.stderr)
             raise
         if good:
@@ -764,18 +797,18 @@ def cmd_index_add(args: argparse.Namespace) -> int:
                       metadata=[{"path": str(p)} for p in good])  # rerankers re-read images from it
             added, unsaved = added + len(good), unsaved + len(good)
         if unsaved >= args.checkpoint_every:  # a killed run loses at most this many images
-            index.save(path)
+            save()
             unsaved = 0
         bar.update(len(chunk))
     bar.close()
-    if unsaved or not path.exists():
-        index.save(path)
+    if unsaved or (path is not None and not path.exists()):
+        save()
     if args.json:
         _print_json({"added": added, "skipped": [{"path": str(p), "reason": r} for p, r in skipped.items()],
-                     "already_present": present, "index": str(path), "size": len(index)})
+                     "already_present": present, "index": where, "kind": index.kind, "size": len(index)})
     else:
         print(f"added {added} images, skipped {len(skipped)} unreadable, {present} already present; "
-              f"{path} now holds {len(index)}")
+              f"{where} now holds {len(index)}")
     return 1 if args.strict and skipped else 0
 
 
@@ -786,13 +819,18 @@ def cmd_index_search(args: argparse.Namespace) -> int:
         raise InputError("give either --text or --image (one of them).")
     if args.rerank is not None and not args.text:
         raise InputError("--rerank scores images against a text query; give --text.")
-    index = VectorIndex.load(args.index)
+    if bool(args.index) == bool(args.qdrant):
+        raise InputError("give either an index file or --qdrant LOCATION --collection NAME (one of them).")
+    # A memory map opens a large HNSW file without reading it into memory (its checks still read it once).
+    index = _qdrant_index(args, None) if args.qdrant else VectorIndex.load(args.index, mmap=args.mmap)
     model = _load(args, default="matching" if args.rerank is not None else "default")
     query = model.embed_texts([args.text]) if args.text else model.embed_images([args.image])
+    options = {} if args.ef_search is None else {"ef_search": args.ef_search}
     if args.rerank is None:
-        hits = index.search(query, k=args.k)[0]
+        hits = index.search(query, k=args.k, **options)[0]
     else:
-        hits = index.search(query, k=args.k, rerank=args.rerank, reranker=_matcher(model).reranker([args.text]))[0]
+        hits = index.search(query, k=args.k, rerank=args.rerank, reranker=_matcher(model).reranker([args.text]),
+                            **options)[0]
     if args.json:
         _print_json([{"id": h.id, "score": h.score, "metadata": h.metadata} for h in hits])
         return 0
@@ -888,6 +926,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--workspace-gb", type=float, default=2.0, help="gpu: TensorRT workspace limit (GiB)")
     t.add_argument("--engine-cache", default="/tmp/edgemm-triton-engines",
                    help="gpu: where TensorRT engines and timing caches persist on the server")
+    t.add_argument("--engines", action="store_true",
+                   help="gpu: serve TensorRT plans (tensorrt_plan) checked, or built and verified, on this machine "
+                        "— run it on the Triton host (its TensorRT must be the one that built them)")
     t.add_argument("--site-packages", default="",
                    help="folders (':'-separated) added to Triton's Python, e.g. a virtualenv's site-packages with "
                         "edgemm installed")
@@ -1089,16 +1130,26 @@ def build_parser() -> argparse.ArgumentParser:
     runtime_options(p)
     p.set_defaults(func=cmd_embed)
 
-    p = sub.add_parser("index", help="a vector index file of image embeddings")
+    p = sub.add_parser("index", help="a vector index file (or Qdrant collection) of image embeddings")
     isub = p.add_subparsers(dest="index_command", required=True)
+
+    def index_location_options(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--qdrant", metavar="LOCATION", help="use a Qdrant collection instead of an index file: "
+                       "a server URL (http://localhost:6333) or a local folder; pip install 'edgemm[qdrant]'")
+        q.add_argument("--collection", metavar="NAME", help="the Qdrant collection (created when missing)")
+
     q = isub.add_parser("add", help="embed images and add them (creates the index if needed)",
                         description="Embed images and add them to an index file, created if needed. Each file is "
                         "added once (by its resolved path) and images already in the index are skipped, so "
                         "rerunning an interrupted command continues it. Unreadable images are reported on stderr "
                         "and skipped. Exit status: 0, or 1 with --strict when an image was skipped (the rest are "
                         "still added), 2 for errors.")
-    q.add_argument("index", help="index file")
-    q.add_argument("images", nargs="+", help="image files or directories")
+    q.add_argument("index", nargs="?", help="index file (with --qdrant, leave it out: every argument is an image)")
+    q.add_argument("images", nargs="*", help="image files or directories")
+    q.add_argument("--kind", choices=("exact", "hnsw"), help="layout of a new index file: exact (every vector "
+                   "compared; the default) or hnsw (an approximate graph for large collections; pip install "
+                   "'edgemm[ann]'). An existing file keeps its kind")
+    index_location_options(q)
     q.add_argument("--batch-size", type=_positive_int, default=32)
     q.add_argument("--checkpoint-every", type=_positive_int, default=1000, metavar="N",
                    help="save the index after every N new images (default 1000), so a killed run keeps them")
@@ -1106,7 +1157,12 @@ def build_parser() -> argparse.ArgumentParser:
     runtime_options(q)
     q.set_defaults(func=cmd_index_add)
     q = isub.add_parser("search", help="search the index with a text or an image")
-    q.add_argument("index", help="index file")
+    q.add_argument("index", nargs="?", help="index file (or --qdrant)")
+    index_location_options(q)
+    q.add_argument("--ef-search", type=_positive_int, metavar="N", help="candidates an approximate (hnsw or "
+                   "Qdrant) search keeps: more for recall, fewer for speed (default: the index's own)")
+    q.add_argument("--mmap", action="store_true", help="serve an hnsw index file from a memory map instead of "
+                   "reading it into memory")
     q.add_argument("--text", help="query text")
     q.add_argument("--image", help="query image file")
     q.add_argument("-k", type=int, default=5)

@@ -48,7 +48,7 @@ from edgemm._files import staged_directory
 from edgemm._serve import HIGH_LEVEL
 from edgemm._triton import graph_tensors, known_sizes, model_config, to_pbtxt
 from edgemm.runtime.bundle import Bundle, sha256_file
-from edgemm.runtime.engines import axis_ranges, graph_profile
+from edgemm.runtime.engines import EngineOptions, axis_ranges, graph_profile
 from edgemm.runtime.errors import ExportError, InputError
 from edgemm.runtime.manifest import CAPTION_DECODER
 
@@ -98,6 +98,7 @@ class TritonOptions:
     engine_cache: str = "/tmp/edgemm-triton-engines"  # GPU: where TensorRT engines and timing caches persist
     site_packages: str = ""  # folders (":"-separated) added to Triton's Python for the Python-backend models
     max_items: int = 256  # images or texts one request to classify / embed / caption may carry
+    engines: EngineOptions | None = None  # GPU: serve TensorRT plans (tensorrt_plan), checked or built on this machine
 
     def __post_init__(self):
         if self.target not in ("cpu", "gpu"):
@@ -113,6 +114,8 @@ class TritonOptions:
                 raise InputError(f"{name} must be a positive integer, got {value!r}.")
         if not 0 <= self.max_delay_ms <= 10_000:
             raise InputError(f"max_delay_ms must be between 0 and 10000, got {self.max_delay_ms!r}.")
+        if self.engines is not None and (self.target != "gpu" or self.graph_backend != "onnxruntime"):
+            raise InputError("TensorRT plans (--engines) are for --target gpu with Triton's own backends.")
         if not 0 < self.workspace_gb <= 1024:
             raise InputError(f"workspace_gb must be in (0, 1024], got {self.workspace_gb!r}.")
 
@@ -133,14 +136,21 @@ def export_triton(bundle_dir: str | os.PathLike, out: str | os.PathLike, options
     bundle = Bundle(bundle_dir)  # every file checked against its hash before anything is copied
     m = bundle.manifest
     out = Path(out)
-    ranges = axis_ranges(m)
+    ranges = axis_ranges(m, options.engines.axes if options.engines else None)
+    plans: dict[str, Path] = {}
+    if options.engines is not None:
+        from edgemm._engines import ensure_engines
+
+        # Checked against this machine's TensorRT and GPU (built and verified where missing): Triton's
+        # tensorrt backend loads only plans made by its own TensorRT version, so run this on the Triton host.
+        plans = ensure_engines(bundle, options.engines)
     names = []
     with staged_directory(out, overwrite=overwrite) as staging:
         for role, graph in m.graphs.items():
             name = Path(graph.file).stem  # what edgemm's Triton backend calls it by (runtime/backends/triton.py)
             if not _NAME.fullmatch(name) or name in HIGH_LEVEL.get(m.family, {}):
                 raise ExportError(f"graph file '{graph.file}' cannot name a Triton model; rename it in the bundle.")
-            _write_graph_model(staging / name, bundle, role, name, options, ranges)
+            _write_graph_model(staging / name, bundle, role, name, options, ranges, plans.get(role))
             names.append(name)
         for name, cls in HIGH_LEVEL.get(m.family, {}).items():
             inputs, outputs = cls.signature(m.embedding_dim or 0)
@@ -160,15 +170,19 @@ def export_triton(bundle_dir: str | os.PathLike, out: str | os.PathLike, options
 
 
 def _write_graph_model(folder: Path, bundle: Bundle, role: str, name: str, options: TritonOptions,
-                       ranges: dict[str, Any]) -> None:
+                       ranges: dict[str, Any], plan: Path | None) -> None:
     m = bundle.manifest
     graph = m.graphs[role]
     inputs, outputs, batches = graph_tensors(graph, known_sizes(m))
     # A captioner's decoder step carries a cache that grows per call: Triton cannot batch it (shapes differ).
     max_batch = options.max_batch if batches and role != CAPTION_DECODER else 0
+    if plan is not None and max_batch:
+        max_batch = min(max_batch, ranges[graph.inputs[0].shape[0]][2])  # the engine's profile ends there
     gpu = options.target == "gpu"
     extra: dict[str, Any] = {"model_warmup": [_warmup(graph, ranges, batched=max_batch > 0)]}
-    if options.graph_backend == "python":
+    if plan is not None:
+        platform, backend = "tensorrt_plan", "tensorrt"
+    elif options.graph_backend == "python":
         platform, backend = None, "python"
         extra["parameters"] = {"edgemm_model": {"string_value": f"graph:{role}"}}
         if options.site_packages:
@@ -183,6 +197,10 @@ def _write_graph_model(folder: Path, bundle: Bundle, role: str, name: str, optio
                           kind="KIND_GPU" if gpu else "KIND_CPU", **extra)
     version = folder / "1"
     version.mkdir(parents=True)
+    if plan is not None:  # a plain plan: Triton loads it as it is; its sidecar stays with edgemm's cache
+        shutil.copyfile(plan, version / "model.plan")
+        (folder / "config.pbtxt").write_text(to_pbtxt(config))
+        return
     shutil.copyfile(bundle.graph_path(role), version / "model.onnx")
     if sha256_file(version / "model.onnx") != m.files[graph.file]:
         raise ExportError(f"'{graph.file}' changed while it was copied; run the export again.")

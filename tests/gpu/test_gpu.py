@@ -138,3 +138,19 @@ def test_native_captioner_gives_onnx_runtimes_tokens(tiny_blip_bundle, tmp_path,
         a = ort.caption(images, color="rgb", num_beams=beams, max_new_tokens=12)
         b = trt.caption(images, color="rgb", num_beams=beams, max_new_tokens=12)
         assert [c.tokens for c in a] == [c.tokens for c in b]
+
+
+def test_triton_repository_serves_the_checked_plans(tiny_clip_bundle, tmp_path):
+    """export triton --engines: tensorrt_plan models holding the plans edgemm built and verified here."""
+    _tensorrt()
+    from edgemm._triton_repo import TritonOptions, export_triton
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_clip_bundle, bundle)
+    repo = tmp_path / "repo"
+    export_triton(bundle, repo, TritonOptions(target="gpu", engines=EngineOptions(quiet=True)))
+    for role in ("image_encoder", "text_encoder"):
+        config = (repo / role / "config.pbtxt").read_text()
+        assert 'platform: "tensorrt_plan"' in config and "max_batch_size: 32" in config
+        plan = Bundle(bundle).engines.get(role) or next((bundle / "engines").rglob(f"{role}*.plan"))
+        assert (repo / role / "1" / "model.plan").read_bytes() == plan.read_bytes()

@@ -174,3 +174,18 @@ def test_real_tritonserver_serves_the_repository(tritonserver, default_bundle, m
         proc.terminate()
         proc.wait(timeout=60)
     shutil.rmtree(repo)
+
+
+def test_plans_are_for_gpu_targets_and_need_tensorrt(default_bundle, tmp_path):
+    from edgemm.runtime.engines import EngineOptions
+
+    with pytest.raises(InputError, match="--target gpu"):
+        TritonOptions(engines=EngineOptions())
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        from edgemm.runtime.errors import BackendError
+
+        with pytest.raises(BackendError, match="TensorRT is not available"):
+            export_triton(default_bundle, tmp_path / "r", TritonOptions(target="gpu", engines=EngineOptions()))
+        assert not (tmp_path / "r").exists()
