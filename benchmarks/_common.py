@@ -225,3 +225,66 @@ def publish(info: Mapping[str, Any], table: str, *, title: str, threads: int, no
 def target_line(name: str, ok: bool, detail: str) -> str:
     """One 'target: met/MISSED' line for the summary."""
     return f"target {name}: {'met' if ok else 'MISSED'} ({detail})"
+
+
+def clustered_vectors(n: int, dim: int, *, n_queries: int = 0, seed: int = 0, clusters: int = 1000,
+                      spread: tuple[float, float] = (0.8, 1.6), decay: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Unit float32 vectors from a Gaussian mixture shaped like text/image embeddings, and held-out queries.
+
+    Uniform noise makes every neighbour almost equally far and flatters no index;
+    real embeddings are clustered, share a common direction and spread unevenly
+    over their axes, which is what approximate indexes exploit (and where their
+    recall drops). Here cluster centres mix a shared mean, one of ``clusters // 20``
+    topics and their own direction; cluster sizes are log-normal; each cluster's
+    noise has its own radius (``spread``), a power-law spectrum (axis i scaled by
+    ``(1 + i) ** -decay``) and one shared random rotation. With the defaults and
+    50k vectors of dim 384 a query's best neighbour has cosine 0.63, its tenth 0.55,
+    and random pairs 0.04.
+
+    Args:
+        n: Stored vectors.
+        dim: Vector length.
+        n_queries: Queries, drawn after (and independently of) the stored vectors.
+        seed: Everything is a function of it.
+        clusters: Mixture components.
+        spread: Range of the per-cluster noise radius, relative to the unit centre.
+        decay: Exponent of the noise spectrum (0: isotropic).
+
+    Returns:
+        ``(data, queries)``: float32 arrays of shape (n, dim) and (n_queries, dim), rows of norm 1.
+    """
+    rng = np.random.default_rng(seed)
+
+    def gauss(*shape: int) -> np.ndarray:
+        return rng.standard_normal(shape, dtype=np.float32)
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    mean, topics = unit(gauss(dim)), unit(gauss(max(1, clusters // 20), dim))
+    topic = topics[rng.integers(0, len(topics), clusters)]
+    centres = unit(0.3 * mean + 0.6 * topic + 0.74 * unit(gauss(clusters, dim)))
+    weights = rng.lognormal(0.0, 1.0, clusters)
+    weights /= weights.sum()
+    radius = rng.uniform(*spread, clusters).astype(np.float32)
+    scale = (1 + np.arange(dim, dtype=np.float32)) ** -decay
+    scale /= np.linalg.norm(scale)
+    rotation = np.linalg.qr(gauss(dim, dim))[0].astype(np.float32)
+
+    def draw(m: int) -> np.ndarray:
+        out = np.empty((m, dim), np.float32)
+        for start in range(0, m, 65536):  # bounded temporaries at any n
+            stop = min(m, start + 65536)
+            label = rng.choice(clusters, stop - start, p=weights)
+            noise = (gauss(stop - start, dim) * scale) @ rotation
+            out[start:stop] = unit(centres[label] + radius[label, None] * noise)
+        return out
+
+    return draw(n), draw(n_queries)
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean fraction of each row of ``truth`` (Q, k) that appears in the same row of ``found`` (Q, >= k)."""
+    k = truth.shape[1]
+    hits = (found[:, :, None] == truth[:, None, :]).any(axis=1).sum(axis=1)
+    return float(np.mean(hits / k))

@@ -12,8 +12,9 @@ from __future__ import annotations
 from edgemm._av import AudioVisual, AVFit, AVResult, AVStream, fit_av_fusion, save_av_fusion
 from edgemm._caption import Caption, Captioner
 from edgemm._fusion import FusionModel
-from edgemm._index import Hit, VectorIndex
+from edgemm._index import Hit, HnswOptions, VectorIndex
 from edgemm._model import DualEncoder, Prediction, default_bundle_dir, load
+from edgemm._qdrant import QdrantIndex
 from edgemm.runtime.engines import EngineOptions
 from edgemm.runtime.limits import LIMITS as limits
 from edgemm.runtime.errors import (
@@ -43,9 +44,11 @@ __all__ = [
     "ExportError",
     "FusionModel",
     "Hit",
+    "HnswOptions",
     "InputError",
     "MissingDependencyError",
     "Prediction",
+    "QdrantIndex",
     "VectorIndex",
     "VerificationError",
     "__version__",

@@ -727,14 +727,19 @@ def _embed_readable(model, chunk: list[Path], skipped: dict[Path, str]) -> tuple
     return good, np.array(vectors, np.float32).reshape(len(good), model.dim)
 
 
+def _check_qdrant_args(args: argparse.Namespace) -> None:
+    """Check --qdrant LOCATION --collection NAME (a collection instead of an index file) before the model loads."""
+    if args.qdrant and not args.collection:
+        raise InputError("--qdrant needs --collection NAME (the Qdrant collection to use).")
+    if args.collection and not args.qdrant:
+        raise InputError("--collection names a Qdrant collection; give --qdrant LOCATION too.")
+    if args.qdrant and getattr(args, "kind", None):
+        raise InputError("--kind chooses the layout of a new index file; a Qdrant collection indexes itself.")
+
+
 def _qdrant_index(args: argparse.Namespace, dim: int | None) -> Any:
-    """The Qdrant collection an index command names instead of a file (--qdrant LOCATION --collection NAME)."""
     from edgemm._qdrant import QdrantIndex
 
-    if not args.collection:
-        raise InputError("--qdrant needs --collection NAME (the Qdrant collection to use).")
-    if getattr(args, "kind", None):
-        raise InputError("--kind chooses the layout of a new index file; a Qdrant collection indexes itself.")
     return QdrantIndex(args.qdrant, args.collection, dim=dim)
 
 
@@ -743,6 +748,7 @@ def cmd_index_add(args: argparse.Namespace) -> int:
 
     from edgemm._index import VectorIndex
 
+    _check_qdrant_args(args)
     if args.qdrant:  # every positional argument is an image then
         images, path = [a for a in (args.index, *args.images) if a is not None], None
     elif not args.images:
@@ -821,6 +827,7 @@ def cmd_index_search(args: argparse.Namespace) -> int:
         raise InputError("--rerank scores images against a text query; give --text.")
     if bool(args.index) == bool(args.qdrant):
         raise InputError("give either an index file or --qdrant LOCATION --collection NAME (one of them).")
+    _check_qdrant_args(args)
     # A memory map opens a large HNSW file without reading it into memory (its checks still read it once).
     index = _qdrant_index(args, None) if args.qdrant else VectorIndex.load(args.index, mmap=args.mmap)
     model = _load(args, default="matching" if args.rerank is not None else "default")

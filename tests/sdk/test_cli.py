@@ -66,6 +66,46 @@ def test_index_add_and_search(default_bundle, image_dir, tmp_path):
     assert hits[0]["metadata"]["path"].endswith("skimage.rocket.jpg")
 
 
+def test_index_kind_hnsw_is_chosen_at_creation_and_kept(default_bundle, image_dir, tmp_path):
+    pytest.importorskip("faiss")
+    from edgemm._index import VectorIndex
+
+    index = tmp_path / "photos.idx"
+    out = json.loads(run("index", "add", index, image_dir, "--bundle", default_bundle, "-q", "--kind", "hnsw",
+                         "--json").stdout)
+    assert (out["added"], out["kind"]) == (7, "hnsw") and VectorIndex.load(index).kind == "hnsw"
+    out = run("index", "add", index, image_dir, "--bundle", default_bundle, "-q", "--kind", "exact")
+    assert "added 0 images" in out.stdout and "stays one" in out.stderr and VectorIndex.load(index).kind == "hnsw"
+    for extra in ([], ["--mmap", "--ef-search", "32"]):
+        hits = json.loads(run("index", "search", index, "--text", "a rocket launch", "-k", "2", "--bundle",
+                              default_bundle, "--json", *extra).stdout)
+        assert hits[0]["metadata"]["path"].endswith("skimage.rocket.jpg")
+    exact = tmp_path / "exact.idx"
+    run("index", "add", exact, image_dir, "--bundle", default_bundle, "-q")
+    out = run("index", "search", exact, "--text", "a rocket", "--ef-search", "32", "--bundle", default_bundle,
+              check=False)
+    assert out.returncode == 2 and "ef_search applies to approximate indexes" in out.stderr
+
+
+def test_index_add_and_search_a_qdrant_collection(default_bundle, image_dir, tmp_path):
+    pytest.importorskip("qdrant_client")
+    folder = tmp_path / "qdrant"
+    where = ["--qdrant", folder, "--collection", "photos"]
+    out = run("index", "add", *where, image_dir, "--bundle", default_bundle, "-q")
+    assert "added 7 images" in out.stdout and "Qdrant collection 'photos'" in out.stdout
+    out = run("index", "add", *where, image_dir, "--bundle", default_bundle, "-q")
+    assert "added 0 images" in out.stdout and "holds 7" in out.stdout
+    hits = json.loads(run("index", "search", *where, "--text", "a rocket launch", "-k", "2", "--bundle",
+                          default_bundle, "--json").stdout)
+    assert hits[0]["metadata"]["path"].endswith("skimage.rocket.jpg") and hits[0]["id"] == hits[0]["metadata"]["path"]
+    for args, message in [(["search", tmp_path / "i.idx", *where, "--text", "x"], "either an index file or --qdrant"),
+                          (["search", "--qdrant", folder, "--text", "x"], "--qdrant needs --collection"),
+                          (["add", *where, image_dir, "--kind", "hnsw"], "a Qdrant collection indexes itself"),
+                          (["add", tmp_path / "i.idx"], "at least one image")]:
+        out = run("index", *args, "--bundle", default_bundle, check=False)
+        assert out.returncode == 2 and message in out.stderr, out.stderr
+
+
 def test_eval_small(default_bundle):
     data = json.loads(run("eval", "--bundle", default_bundle, "--limit", "200", "--json", "-q").stdout)
     assert data["fashion_mnist"]["images"] == 200

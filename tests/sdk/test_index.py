@@ -223,7 +223,7 @@ def test_storage_grows_by_doubling(rng: np.random.Generator) -> None:
     capacities = set()
     for row in data:
         index.add(row)
-        capacities.add(index._data.shape[0])
+        capacities.add(index._store._data.shape[0])
     # 1000 single adds reallocate only ~log2(1000) times.
     assert len(capacities) <= 8
     np.testing.assert_array_equal(np.stack([index.get(i)[0] for i in range(1000)]), data)
