@@ -541,8 +541,18 @@ class GenerationGraphs:
     def generate(self, pixels: np.ndarray, settings: GenerationSettings, prompt_ids: Sequence[int] = (),
                  question: Mapping[str, np.ndarray] | None = None) -> list[Hypothesis]:
         """Caption (or answer about) a batch of preprocessed images: one hypothesis each."""
-        decoder = open_decoder(self.decoder_backend, self.graph, self.memory(pixels, question))
-        return generate(decoder, self.prompt(len(pixels), prompt_ids), settings, self.spec.eos_ids,
+        return self.decode(self.memory(pixels, question), settings, prompt_ids)
+
+    def decode(self, memory: Mapping[str, np.ndarray], settings: GenerationSettings,
+               prompt_ids: Sequence[int] = ()) -> list[Hypothesis]:
+        """Decode from memory :meth:`memory` made (or rows of it): one hypothesis per row.
+
+        A camera stream runs the image graph on every frame and decodes only the
+        frames whose scene changed.
+        """
+        rows = len(next(iter(memory.values())))
+        decoder = open_decoder(self.decoder_backend, self.graph, memory)
+        return generate(decoder, self.prompt(rows, prompt_ids), settings, self.spec.eos_ids,
                         self.spec.pad_id, self.spec.max_positions)
 
     def stream(self, pixels: np.ndarray, settings: GenerationSettings, prompt_ids: Sequence[int] = (),

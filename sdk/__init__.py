@@ -15,6 +15,7 @@ from edgemm._fusion import FusionModel
 from edgemm._index import Hit, HnswOptions, VectorIndex
 from edgemm._model import DualEncoder, Prediction, default_bundle_dir, load
 from edgemm._qdrant import QdrantIndex
+from edgemm._stream import Stream, StreamResult
 from edgemm.runtime.engines import EngineOptions
 from edgemm.runtime.limits import LIMITS as limits
 from edgemm.runtime.errors import (
@@ -49,6 +50,8 @@ __all__ = [
     "MissingDependencyError",
     "Prediction",
     "QdrantIndex",
+    "Stream",
+    "StreamResult",
     "VectorIndex",
     "VerificationError",
     "__version__",
