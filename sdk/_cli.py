@@ -1008,6 +1008,10 @@ def build_parser() -> argparse.ArgumentParser:
     runtime_options(p)
     p.set_defaults(func=cmd_classify)
 
+    from edgemm._watch import add_parser as add_watch_parser
+
+    add_watch_parser(sub, runtime_options)
+
     p = sub.add_parser("caption", help="caption images (a captioner bundle; default: the built-in captioner)")
     p.add_argument("images", nargs="+", help="image files or directories")
     p.add_argument("--beams", type=_positive_int, default=None, help="beam search with N beams (default: the bundle's)")

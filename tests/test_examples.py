@@ -17,7 +17,8 @@ def test_camera_classify_on_an_image_file(default_bundle, photos, tmp_path):
     out = subprocess.run([sys.executable, EXAMPLES / "camera_classify.py", path, "--bundle", default_bundle,
                           "--labels", "cat", "dog", "forklift", "--max-frames", "1"],
                          capture_output=True, text=True, check=True)
-    assert out.stdout.startswith("frame 0: cat")
+    assert out.stdout.startswith(f"{path} #0: cat")
+    assert out.stdout.splitlines()[-1].startswith(f"{path}: 1 processed, 0 dropped")
 
 
 def test_folder_search(default_bundle, photos, tmp_path):
