@@ -294,6 +294,7 @@ class _Reader(threading.Thread):
         pace = self.source.fps(reader) if self.source.is_file and self.realtime else None
         started = time.perf_counter()
         first_index = self.frames_read
+        next_due = 0.0
         got_any = False
         while not s._stop.is_set():
             t0 = time.perf_counter()
@@ -315,12 +316,12 @@ class _Reader(threading.Thread):
                 due = started + (self.frames_read - first_index) / pace
                 if due > t1 and s._stop.wait(due - t1):
                     return got_any
-            if s.every_s and not self.realtime and self.source.is_file:
-                fps = self.source.fps(reader)
-                step = max(1, round(s.every_s * fps))
-                if (self.frames_read - first_index) % step:
+            if s.every_s and not self.realtime and self.source.is_file:  # the first frame at or after each k·every s
+                position = (self.frames_read - first_index) / self.source.fps(reader)
+                if position + 1e-9 < next_due:
                     self._count_read(skipped=True)
                     continue
+                next_due = (math.floor(position / s.every_s + 1e-9) + 1) * s.every_s
             self._put(_Frame(image, self.frames_read, time.time(), time.perf_counter(), (t1 - t0) * 1e3))
         return got_any
 

@@ -267,3 +267,26 @@ def test_captioner_recaptions_only_when_the_scene_changes(default_captioner_bund
         assert results[first].caption.text == captioner.caption(frames[first]).text
         assert all(r.caption == results[first].caption for r in results[first: first + 5])
     assert all(r.predictions == [] and r.label is None for r in results)
+
+
+def test_watch_prints_each_frame_writes_json_lines_and_summarises(default_bundle, scenes, tmp_path):
+    import json
+
+    from clirun import run_cli
+
+    clip = write_clip(tmp_path / "clip.avi", [scenes[i // 15] for i in range(30)])  # 1 s of the person, 1 s of the cat
+    out = run_cli("watch", clip, "--bundle", default_bundle, "--labels", *PHOTO_LABELS, "--every", "0.5",
+                  "--smoothing", "0", "--jsonl", tmp_path / "out.jsonl", "--threads", "2")
+    lines = out.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == [f"{clip} #{i}" for i in (0, 8, 15, 23)]  # 15 fps
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["frame_index"] for r in records] == [0, 8, 15, 23]
+    assert records[-1]["label"] == "cat" and records[-1]["predictions"][0]["label"] == "cat"
+    assert set(records[0]["latency_ms"]) >= {"decode", "inference", "total"}
+    assert "ended" in out.stderr and "4 batches" in out.stderr
+
+    bad = run_cli("watch", tmp_path / "missing.mp4", "--bundle", default_bundle, check=False)
+    assert bad.returncode == 2 and "is not a video file" in bad.stderr
+    (tmp_path / "fake.mp4").write_bytes(b"\0" * 1000)
+    none = run_cli("watch", tmp_path / "fake.mp4", "--bundle", default_bundle, check=False)
+    assert none.returncode == 1 and "cannot open" in none.stderr and "no frame was processed" in none.stderr
