@@ -209,6 +209,13 @@ class _Source:
         return fps if math.isfinite(fps) and 1.0 <= fps <= 1000.0 else 30.0
 
 
+def _on_gpu(model: DualEncoder | Captioner) -> bool:
+    """Whether the model's image graph runs on a GPU (TensorRT engines, or a CUDA/TensorRT provider first)."""
+    backend = model.encoder_backend if isinstance(model, Captioner) else model.image_backend
+    providers = tuple(model._backend_options.get("providers", ()))
+    return getattr(backend, "name", "") == "tensorrt" or (bool(providers) and providers[0] in ("cuda", "tensorrt"))
+
+
 def _check_frame(frame: Any) -> str | None:
     """Why a decoded frame cannot be used, or None."""
     if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8:
@@ -429,7 +436,9 @@ class Stream:
             factories (see the module docstring).
         labels: Candidate labels for a dual encoder; the bundle's when ``None``.
         top_k: Predictions per result.
-        max_batch: Frames per graph run at most (one per source per run).
+        max_batch: Frames per graph run at most (one per source per run). ``None``: 8 when the
+            model runs on a GPU (CUDA or TensorRT), 1 on the CPU, where batching 8 cameras bought
+            4% more frames at 3× the latency on 2 cores (``benchmarks/bench_stream.py``).
         max_delay_ms: How long the first ready frame waits for other sources' frames.
         smoothing: Weight of the previous smoothed probabilities, in [0, 1); 0 turns smoothing off.
         hold: Frames a new label must lead before ``label`` switches to it (1: at once).
@@ -451,7 +460,7 @@ class Stream:
     """
 
     def __init__(self, model: DualEncoder | Captioner, sources: Sequence[Any], *, labels: Sequence[str] | None = None,
-                 top_k: int = 3, max_batch: int = 8, max_delay_ms: float = 10.0, smoothing: float = 0.6,
+                 top_k: int = 3, max_batch: int | None = None, max_delay_ms: float = 10.0, smoothing: float = 0.6,
                  hold: int = 1, realtime: bool | None = None, every: float | None = None,
                  scene_threshold: float = 0.15, reconnect_backoff: tuple[float, float] = (0.5, 10.0),
                  max_reconnects: int | None = None, keep_frames: bool = True, color: str = "bgr",
@@ -477,7 +486,8 @@ class Stream:
         if len(set(names)) != len(names):
             raise InputError(f"a source appears twice in {names}; each camera needs one reader.")
         self.top_k = _check_positive_int(top_k, "top_k")
-        self.max_batch = _check_positive_int(max_batch, "max_batch")
+        self.max_batch = (8 if _on_gpu(model) else 1) if max_batch is None else _check_positive_int(max_batch,
+                                                                                                   "max_batch")
         self.max_delay_s = _check_number(max_delay_ms, "max_delay_ms", low=0, high=10_000) / 1e3
         self.smoothing = _check_number(smoothing, "smoothing", low=0, high=0.999)
         self.hold = _check_positive_int(hold, "hold")

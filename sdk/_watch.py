@@ -76,7 +76,8 @@ def add_parser(subparsers: Any, runtime_options: Any) -> argparse.ArgumentParser
     p.add_argument("--every", type=float, default=None,
                    help="at most one frame per source every this many seconds (default: as fast as the model goes)")
     p.add_argument("--jsonl", default=None, help="also write every result as a JSON line to this file")
-    p.add_argument("--max-batch", type=int, default=8, help="frames per graph run at most (default: 8)")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="frames per graph run at most (default: 8 on a GPU, 1 on the CPU)")
     p.add_argument("--max-delay-ms", type=float, default=10.0,
                    help="how long a ready frame waits for other sources' (default: 10)")
     p.add_argument("--smoothing", type=float, default=0.6,
