@@ -2,7 +2,8 @@
 
     edgemm bench bundles/myclip bundles/myclip-int8 --batch 1,8,32 --report bench/ \\
         [--providers cpu] [--providers tensorrt,cuda] [--threads 2] [--warmup 3] [--min-time 2.0] \\
-        [--min-iters 10] [--no-reference] [--tasks image,text] [--backend onnxruntime] [-q]
+        [--min-iters 10] [--no-reference] [--tasks image,text] [--backend onnxruntime] [-q] \\
+        [--scenarios singlestream,multistream,offline] [--offline-samples 256] [--offline-batch 32]
 
 For each bundle × backend × provider group (a bundle carries its precision),
 one fresh worker process (``edgemm._bench_worker``) measures every task and
@@ -69,6 +70,15 @@ added, existing ones keep their meaning)::
                            peak_rss_mib_combined (the worker after the reference ran: edgemm + torch)}
                           or null, with reference_unavailable: the reason (null when measured),
                 notes [strings, e.g. that fp16 on the CPU provider is expected to be slower than fp32]
+    scenarios   (with --scenarios) one per bundle × backend × provider group × scenario, MLPerf's edge
+                scenarios of classify on the same frames: bundle, name, precision, backend, providers,
+                scenario ("singlestream": 1 frame a query, the next when it returns; "multistream": 8 frames
+                a query; "offline": one query of --offline-samples frames in batches of --offline-batch,
+                repeated for --min-time), samples_per_query, queries, metric {name: "p90_latency_ms" |
+                "p99_latency_ms" | "samples_per_s", value}, latency_ms {min, max, mean, p50, p90, p95, p99}
+                (per query), throughput_samples_per_s, duration_s (summed query time), stages_ms
+                {preprocess, inference, postprocess} (p50 per query), offline_batch, mlperf_minimum_met
+                (MLPerf's 1024 queries and 600 s), background_cpu_cores
     notes       report-wide notes (rows measured while other processes used the CPU; the plot was
                 skipped and why)
 
@@ -99,7 +109,7 @@ from typing import Any
 
 import numpy as np
 
-from edgemm._bench_worker import GPU_PROVIDERS, TASKS, TOP_K
+from edgemm._bench_worker import GPU_PROVIDERS, MLPERF_MIN_QUERIES, MLPERF_MIN_S, SCENARIOS, TASKS, TOP_K
 from edgemm.runtime import errors
 from edgemm.runtime.bundle import Bundle
 from edgemm.runtime.errors import BackendError, BundleError, InputError, MissingDependencyError, require
@@ -135,6 +145,9 @@ class BenchSettings:
     reference: bool = True  # also time the PyTorch eager source model where it is available
     labels: tuple[str, ...] = field(default=LABELS)  # the image task's label set
     engine_precision: str | None = None  # TensorRT engines (native or ONNX Runtime's provider); None: the bundle's
+    scenarios: tuple[str, ...] = ()  # MLPerf edge scenarios of classify: singlestream, multistream, offline
+    offline_samples: int = 256  # frames in the Offline scenario's one query
+    offline_batch: int | None = None  # the Offline scenario's batch size; None: the largest of ``batches``
 
 
 def usable_cores() -> int:
@@ -230,6 +243,14 @@ def check_settings(settings: BenchSettings) -> BenchSettings:
         raise InputError(f"--min-time must be a number of seconds >= 0, got {settings.min_time!r}.")
     if not settings.labels:
         raise InputError("the image task needs at least one label.")
+    unknown = [name for name in settings.scenarios if name not in SCENARIOS]
+    if unknown:
+        raise InputError(f"--scenarios: unknown scenario {unknown[0]!r}; choose from {', '.join(SCENARIOS)}.")
+    if settings.scenarios and "image" not in settings.tasks:
+        raise InputError("--scenarios measure classify(frames): include the image task (--tasks image).")
+    for name, value in (("--offline-samples", settings.offline_samples), ("--offline-batch", settings.offline_batch)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise InputError(f"{name} must be a positive integer, got {value!r}.")
     for backend in settings.backends:
         if backend not in BACKENDS:
             raise InputError(f"--backend: unknown backend {backend!r}; choose from {', '.join(sorted(BACKENDS))}.")
@@ -528,6 +549,7 @@ def run_bench(settings: BenchSettings, *, progress: Callable[[str], None] | None
     device = device_info(threads)
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     rows: list[dict[str, Any]] = []
+    scenarios: list[dict[str, Any]] = []
     frame_count = 0
     with tempfile.TemporaryDirectory(prefix="edgemm-bench-") as tmp_name:
         tmp = Path(tmp_name)
@@ -550,13 +572,18 @@ def run_bench(settings: BenchSettings, *, progress: Callable[[str], None] | None
                            "warmup": settings.warmup, "min_time": settings.min_time,
                            "min_iters": settings.min_iters, "reference": settings.reference,
                            "frames": str(frames_path) if frames_path else None, "labels": list(settings.labels),
-                           "sentences": list(SAMPLE_SENTENCES), "engine_precision": settings.engine_precision}
+                           "sentences": list(SAMPLE_SENTENCES), "engine_precision": settings.engine_precision,
+                           "scenarios": list(settings.scenarios), "offline_samples": settings.offline_samples,
+                           "offline_batch": settings.offline_batch or max(settings.batches)}
                     started = time.perf_counter()
                     out = _run_worker(job, tmp, index, threads, progress)
                     index += 1
                     if progress is not None:
                         progress(f"{bundle} [{','.join(group)}] done in {time.perf_counter() - started:.1f} s")
                     rows.extend(_row(settings, bundle, backend, group, out, p) for p in out["points"])
+                    scenarios.extend({"bundle": str(Path(bundle).absolute()), "name": out["name"],
+                                      "precision": out["precision"], "backend": backend, "providers": list(group),
+                                      **row} for row in out.get("scenarios", []))
     device["loadavg_1m_end"] = _loadavg()
     notes = []
     busy = [r for r in rows if background_cores(r) >= BUSY_CORES]
@@ -580,6 +607,7 @@ def run_bench(settings: BenchSettings, *, progress: Callable[[str], None] | None
             "text_input": {"sentences": len(SAMPLE_SENTENCES)},
         },
         "results": rows,
+        "scenarios": scenarios,
         "notes": notes,
     }
 
@@ -646,6 +674,7 @@ def to_markdown(report: Mapping[str, Any]) -> str:
         + ", ".join(sorted({f"{r['baseline_rss_mib']:.0f} MiB before loading {Path(r['bundle']).name}"
                             for r in report["results"]})) + ".",
     ]
+    lines += _scenario_lines(report.get("scenarios", []), with_backend)
     notes: dict[str, None] = {}
     for r in report["results"]:
         who = _series_label(r, with_backend)
@@ -659,6 +688,40 @@ def to_markdown(report: Mapping[str, Any]) -> str:
     if notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+SCENARIO_NAMES = {"singlestream": "SingleStream", "multistream": "MultiStream", "offline": "Offline"}
+
+
+def _scenario_lines(scenarios: Sequence[Mapping[str, Any]], with_backend: bool) -> list[str]:
+    """The MLPerf scenarios' section: one trtexec-style summary line each, then a table."""
+    if not scenarios:
+        return []
+    lines = ["", "### Scenarios (MLPerf edge)", ""]
+    for r in scenarios:
+        lat, name = r["latency_ms"], SCENARIO_NAMES[r["scenario"]]
+        who = _series_label(r, with_backend)
+        if r["metric"]["name"] == "samples_per_s":
+            head = f"{name}: {r['metric']['value']:.1f} samples/s ({r['queries']} queries of {r['samples_per_query']} " \
+                   f"frames in batches of {r['offline_batch']}, {r['duration_s']:.1f} s)"
+        else:
+            pct = r["metric"]["name"].split("_")[0][1:]
+            head = f"{name}: {pct}th percentile latency {_ms(r['metric']['value'])} ms ({r['queries']} queries of " \
+                   f"{r['samples_per_query']} frame{'s' if r['samples_per_query'] > 1 else ''}, mean " \
+                   f"{_ms(lat['mean'])} ms, min {_ms(lat['min'])}, max {_ms(lat['max'])})"
+        lines.append(f"- {who}: {head}" + ("" if r["mlperf_minimum_met"] else " — shorter than MLPerf's minimum run"))
+    lines += ["", "| bundle | providers | scenario | samples/query | queries | metric | p50 ms | p90 ms | p99 ms | "
+                  "samples/s |", "|---|---|---|---:|---:|---|---:|---:|---:|---:|"]
+    for r in scenarios:
+        lat, metric = r["latency_ms"], r["metric"]
+        lines.append(f"| {Path(r['bundle']).name} | {','.join(r['providers'])} | {SCENARIO_NAMES[r['scenario']]} | "
+                     f"{r['samples_per_query']} | {r['queries']} | {metric['name']} = {metric['value']:.2f} | "
+                     f"{_ms(lat['p50'])} | {_ms(lat['p90'])} | {_ms(lat['p99'])} | "
+                     f"{r['throughput_samples_per_s']:.1f} |")
+    lines += ["", f"- MLPerf's minimum run is {MLPERF_MIN_QUERIES} queries and {MLPERF_MIN_S:.0f} s; these runs "
+                  "follow --min-time and --min-iters. Latency is per query, `classify()` end to end; Offline "
+                  "throughput is every sample over the summed query time."]
+    return lines
 
 
 def write_plot(report: Mapping[str, Any], path: str | os.PathLike) -> Path:
@@ -775,6 +838,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="TensorRT engines' precision, native or ONNX Runtime's provider (default: the bundle's); "
                         "fp16 also makes the PyTorch reference fp16")
     p.add_argument("--tasks", default="image,text", help="image, text or both, comma-separated (default: both)")
+    p.add_argument("--scenarios", default=None,
+                   help="MLPerf edge scenarios of classify, comma-separated: singlestream (1 frame a query, p90), "
+                        "multistream (8 frames a query, p99), offline (samples/s)")
+    p.add_argument("--offline-samples", type=int, default=256, help="frames in the Offline query (default: 256)")
+    p.add_argument("--offline-batch", type=int, default=None,
+                   help="the Offline scenario's batch size (default: the largest --batch)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_bench)
     return p
@@ -798,6 +867,10 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         min_iters=args.min_iters,
         reference=not args.no_reference,
         engine_precision=args.engine_precision,
+        scenarios=tuple(dict.fromkeys(n.strip().lower() for n in args.scenarios.split(",") if n.strip()))
+        if args.scenarios else (),
+        offline_samples=args.offline_samples,
+        offline_batch=args.offline_batch,
     )
 
 

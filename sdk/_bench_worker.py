@@ -39,6 +39,9 @@ import numpy as np
 TASKS = ("image", "text")
 TOP_K = 5  # predictions per frame in the timed classify() call
 GPU_PROVIDERS = ("cuda", "tensorrt")
+# MLPerf Inference's edge scenarios: samples per query and the latency percentile that is their metric.
+SCENARIOS = {"singlestream": (1, 90), "multistream": (8, 99), "offline": (None, None)}
+MLPERF_MIN_QUERIES, MLPERF_MIN_S = 1024, 600.0  # MLPerf's minimum run for SingleStream / MultiStream
 # Calls per side per round in the interleaved reference timing: as many as fill _BLOCK_S, within bounds.
 _BLOCK_S = 0.2
 _MIN_BLOCK = 3
@@ -291,6 +294,8 @@ def run_job(job: Mapping[str, Any]) -> dict[str, Any]:
             })
             _say(job, f"{model.manifest.name} [{','.join(job['providers'])}] {task} batch {batch}: "
                       f"p50 {latency['p50']:.2f} ms over {len(samples)} calls")
+    scenarios = [_scenario(job, name, model, image_inputs, timed, preprocess, image_infer)
+                 for name in job.get("scenarios", ())]
     peak = peak_rss_mib()
     torch_at_peak = "torch" in sys.modules
 
@@ -305,11 +310,66 @@ def run_job(job: Mapping[str, Any]) -> dict[str, Any]:
         "peak_rss_mib": peak,
         "torch_imported_at_peak": torch_at_peak,
         "points": points,
+        "scenarios": scenarios,
         "reference": None,
     }
     if job.get("reference"):
         result["reference"] = _run_reference(job, model, points, image_inputs, text_inputs)
     return result
+
+
+def _scenario(job: Mapping[str, Any], name: str, model: Any, image_inputs: Callable[[int], list[np.ndarray]],
+              timed: Callable[..., dict[str, float]], preprocess: _StageTimer,
+              image_infer: _StageTimer) -> dict[str, Any]:
+    """One MLPerf edge scenario of ``classify``: SingleStream (1 frame a query, next query when it returns;
+    p90), MultiStream (8 frames a query; p99) or Offline (one query of ``offline_samples`` frames in batches of
+    ``offline_batch``, repeated for ``min_time``; samples per second)."""
+    labels, warmup = list(job["labels"]), int(job["warmup"])
+    min_time, min_iters = float(job["min_time"]), int(job["min_iters"])
+    per_query, percentile = SCENARIOS[name]
+    background = BackgroundLoad()
+    background.start()
+    if per_query is not None:
+        frames = image_inputs(per_query)
+        query = partial(model.classify, frames if per_query > 1 else frames[0], labels, top_k=TOP_K,
+                        batch_size=per_query)
+        samples = _repeat(partial(timed, query, preprocess, image_infer), warmup=warmup, min_time=min_time,
+                          min_iters=min_iters)
+    else:
+        count, batch = int(job["offline_samples"]), int(job["offline_batch"])
+        frames = image_inputs(count)
+
+        def offline() -> dict[str, float]:
+            preprocess.reset()
+            image_infer.reset()
+            t0 = time.perf_counter()
+            model.classify(frames, labels, top_k=TOP_K, batch_size=batch)
+            total = (time.perf_counter() - t0) * 1e3
+            return {"total": total, "preprocess": preprocess.ms, "inference": image_infer.ms,
+                    "postprocess": total - preprocess.ms - image_infer.ms}
+
+        samples = _repeat(offline, warmup=min(warmup, 1), min_time=min_time, min_iters=1)
+        per_query = count
+    totals = [q["total"] for q in samples]
+    a = np.asarray(totals, np.float64)
+    latency = {"min": float(a.min()), "max": float(a.max()), "mean": float(a.mean()),
+               **{f"p{q}": float(np.percentile(a, q)) for q in (50, 90, 95, 99)}}
+    duration_s = float(a.sum()) / 1e3
+    throughput = len(samples) * per_query / duration_s
+    if percentile is not None:
+        metric = {"name": f"p{percentile}_latency_ms", "value": latency[f"p{percentile}"]}
+        met = len(samples) >= MLPERF_MIN_QUERIES and duration_s >= MLPERF_MIN_S
+    else:
+        metric = {"name": "samples_per_s", "value": throughput}
+        met = duration_s >= MLPERF_MIN_S
+    _say(job, f"{model.manifest.name} [{','.join(job['providers'])}] {name}: {metric['name']} "
+              f"{metric['value']:.2f} over {len(samples)} queries")
+    return {"scenario": name, "samples_per_query": per_query, "queries": len(samples), "metric": metric,
+            "latency_ms": latency, "throughput_samples_per_s": throughput, "duration_s": duration_s,
+            "stages_ms": {k: summarize([q[k] for q in samples])["p50"]
+                          for k in ("preprocess", "inference", "postprocess")},
+            "offline_batch": int(job["offline_batch"]) if name == "offline" else None,
+            "mlperf_minimum_met": met, "background_cpu_cores": background.cores()}
 
 
 def _run_reference(job: Mapping[str, Any], model: Any, points: list[dict[str, Any]],

@@ -22,7 +22,7 @@ import pytest
 from edgemm import _bench
 from edgemm.runtime.errors import BackendError, BundleError, InputError
 
-TOP_LEVEL = {"schema", "created", "device", "settings", "results", "notes"}
+TOP_LEVEL = {"schema", "created", "device", "settings", "results", "scenarios", "notes"}
 ROW_KEYS = {"bundle", "name", "precision", "engine_precision", "backend", "providers", "active_providers", "threads", "task", "batch",
             "input_shape", "iterations", "latency_ms", "stages_ms", "throughput_per_s", "background_cpu_cores",
             "peak_rss_mib",
@@ -174,6 +174,9 @@ def test_without_matplotlib_the_plot_is_skipped_with_a_note(run, tmp_path, monke
     (["--threads", "0"], InputError, "--threads must be a positive integer"),
     (["--min-time", "-1"], InputError, "--min-time"),
     (["--backend", "coreml"], InputError, "unknown backend 'coreml'"),
+    (["--scenarios", "server"], InputError, "unknown scenario 'server'; choose from singlestream, multistream"),
+    (["--scenarios", "offline", "--tasks", "text"], InputError, "include the image task"),
+    (["--scenarios", "offline", "--offline-samples", "0"], InputError, "--offline-samples must be a positive"),
 ])
 def test_bad_arguments_are_clear_errors(tiny_clip_bundle, tmp_path, argv, error, message):
     args = parse(str(tiny_clip_bundle), "--report", str(tmp_path / "bench"), *argv)
@@ -248,3 +251,35 @@ def test_torch_reference_says_why_when_there_is_none(tiny_clip_bundle):
                            ({"kind": "huggingface"}, "is not on this machine")):
         ref, why = torch_reference(dataclasses.replace(manifest, source=source))
         assert ref is None and reason in why
+
+
+def test_mlperf_scenarios_are_measured_and_reported(tiny_clip_bundle, tmp_path):
+    out_dir = tmp_path / "bench"
+    args = parse(str(tiny_clip_bundle), "--tasks", "image", "--batch", "1,4", "--report", str(out_dir),
+                 "--threads", "1", "--warmup", "1", "--min-time", "0.2", "--min-iters", "12", "--no-reference",
+                 "--scenarios", "SingleStream,multistream,offline", "--offline-samples", "20", "-q")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert args.func(args) == 0
+    report = json.loads((out_dir / "report.json").read_text(encoding="utf-8"))
+    single, multi, offline = report["scenarios"]
+    assert [r["scenario"] for r in report["scenarios"]] == ["singlestream", "multistream", "offline"]
+    assert (single["samples_per_query"], multi["samples_per_query"], offline["samples_per_query"]) == (1, 8, 20)
+    assert single["queries"] >= 12 and multi["queries"] >= 12 and offline["queries"] >= 1
+    assert single["metric"] == {"name": "p90_latency_ms", "value": single["latency_ms"]["p90"]}
+    assert multi["metric"] == {"name": "p99_latency_ms", "value": multi["latency_ms"]["p99"]}
+    assert offline["metric"]["name"] == "samples_per_s" and offline["offline_batch"] == 4
+    for r in report["scenarios"]:
+        lat = r["latency_ms"]
+        assert lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p95"] <= lat["p99"] <= lat["max"]
+        assert r["throughput_samples_per_s"] == pytest.approx(r["queries"] * r["samples_per_query"] / r["duration_s"])
+        assert r["duration_s"] == pytest.approx(r["queries"] * lat["mean"] / 1e3)
+        assert not r["mlperf_minimum_met"]
+        assert r["stages_ms"]["inference"] > 0
+    assert offline["metric"]["value"] == offline["throughput_samples_per_s"]
+    md = (out_dir / "report.md").read_text()
+    assert "### Scenarios (MLPerf edge)" in md
+    assert re.search(r"SingleStream: 90th percentile latency [0-9.]+ ms \(\d+ queries of 1 frame, mean", md)
+    assert re.search(r"MultiStream: 99th percentile latency [0-9.]+ ms \(\d+ queries of 8 frames", md)
+    assert re.search(r"Offline: [0-9.]+ samples/s \(\d+ queries of 20 frames in batches of 4", md)
+    assert "shorter than MLPerf's minimum run" in md and md in printed.getvalue()
