@@ -511,7 +511,7 @@ class Stream:
             model.label_weights(self.labels)  # embedded once, before the first frame
         self._cond = threading.Condition()
         self._stop = threading.Event()
-        self._events: deque[StreamResult] = deque()
+        self._events: deque[StreamResult] = deque(maxlen=1024)  # error results not yet taken; the oldest go first
         self._readers = [_Reader(self, s, (not s.is_file) if realtime is None else realtime) for s in self.sources]
         self._smoothers = [_Smoother(self.smoothing, self.hold) for _ in self.sources]
         self._scenes: list[tuple[np.ndarray, Caption] | None] = [None] * len(self.sources)
