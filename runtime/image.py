@@ -40,7 +40,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from edgemm.runtime.errors import InputError
+from edgemm.runtime.errors import BackendError, InputError, MissingDependencyError, require
 from edgemm.runtime.limits import LIMITS
 from edgemm.runtime.manifest import ImagePreprocess
 
@@ -238,12 +238,130 @@ class ImagePreprocessor:
             raise InputError("no images given; pass at least one image.")
         batch = np.empty((len(images), 3, self.size, self.size), np.float32)
         for i, image in enumerate(images):
-            if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3 \
-                    and image.shape[0] > 0 and image.shape[1] > 0 and color in COLOR_ORDERS:
-                # Camera-frame fast path: resize first, reorder channels on the small image.
-                small = self.resize(image)
-                rgb = small[:, :, ::-1] if color == "bgr" else small
-            else:
-                rgb = self.resize(to_rgb(image, color, where=f"image {first_index + i}"))
-            batch[i] = (rgb.astype(np.float32) * self._scale + self._shift).transpose(2, 0, 1)
+            batch[i] = self._one(image, color, first_index + i)
         return batch
+
+    def _one(self, image: Any, color: str, index: int) -> np.ndarray:
+        """One image as a normalised (3, size, size) float32 array."""
+        if _is_frame(image) and color in COLOR_ORDERS:
+            # Camera-frame fast path: resize first, reorder channels on the small image.
+            small = self.resize(image)
+            rgb = small[:, :, ::-1] if color == "bgr" else small
+        else:
+            rgb = self.resize(to_rgb(image, color, where=f"image {index}"))
+        return (rgb.astype(np.float32) * self._scale + self._shift).transpose(2, 0, 1)
+
+
+def _is_frame(image: Any) -> bool:
+    """A camera frame as OpenCV gives it: a non-empty (H, W, 3) uint8 array."""
+    return (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+            and image.shape[0] > 0 and image.shape[1] > 0)
+
+
+_PREPROCESS_GRAPH = Path(__file__).resolve().parent / "data" / "preprocess_frame.onnx"
+_PROVIDERS = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+
+
+class DevicePreprocessor(ImagePreprocessor):
+    """An :class:`ImagePreprocessor` that resizes and normalises camera frames on the GPU.
+
+    On a GPU the image graph takes 1-2 ms, and resizing a 1080p frame on the CPU
+    took as long again. Here a frame's centre crop travels to the device as uint8
+    and one small ONNX graph (``runtime/data/preprocess_frame.onnx``, written by
+    ``scripts/make_preprocess_graph.py``) does the same bilinear resize to twice
+    the size, 2x2 mean and normalisation as the CPU path, rounding to whole grey
+    levels after each resize as OpenCV does (OpenCV's fixed-point weights leave
+    some pixels one level apart).
+    Images that path does not cover stay on the CPU, as before: files, PIL images,
+    other dtypes, ``squash`` resizing, and crops no more than twice the model's
+    input (a 448-pixel crop for 224), where the CPU's own resize is cheap.
+    Consecutive frames of one shape go to the device together.
+
+    Args:
+        spec: The manifest's image preprocessing.
+        provider: ``"cuda"``, or ``"cpu"`` (the same graph on ONNX Runtime's CPU, for tests).
+
+    Raises:
+        BackendError: ONNX Runtime has no such provider, or it failed to start.
+    """
+
+    def __init__(self, spec: ImagePreprocess, provider: str = "cuda"):
+        super().__init__(spec)
+        ort = require("onnxruntime", "gpu", "Preprocessing frames on the GPU")
+        full = _PROVIDERS.get(provider)
+        if full is None or full not in ort.get_available_providers():
+            raise BackendError(
+                f"preprocessing on '{provider}' needs ONNX Runtime's {full or provider} provider, which this "
+                f"onnxruntime lacks (it has {ort.get_available_providers()}); install edgemm[gpu] in place of the "
+                "CPU onnxruntime, or preprocess on the CPU with ImagePreprocessor."
+            )
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1  # the CPU work left is a few small copies
+        chosen = [(full, {"arena_extend_strategy": "kSameAsRequested"}) if provider == "cuda" else full]
+        try:
+            self.session = ort.InferenceSession(str(_PREPROCESS_GRAPH), sess_options=options, providers=chosen)
+        except Exception as e:  # onnxruntime's own untyped errors
+            raise BackendError(f"onnxruntime could not load the preprocessing graph: {e}") from e
+        if self.session.get_providers()[0] != full:
+            raise BackendError(f"onnxruntime: the {full} did not start for the preprocessing graph (the session got "
+                               f"{self.session.get_providers()}; ONNX Runtime's log above says why).")
+        self.provider = provider
+        shape = (1, 3, 1, 1)
+        self._feeds = {
+            "scale": self._scale.reshape(shape).astype(np.float32),
+            "shift": self._shift.reshape(shape).astype(np.float32),
+        }
+        self._channels = {"bgr": np.array([2, 1, 0], np.int64), "rgb": np.array([0, 1, 2], np.int64)}
+
+    def _crop(self, image: Any, color: str) -> np.ndarray | None:
+        """The frame's centre crop (a view) when it goes to the device; None when the CPU path is kept."""
+        if self.squash or color not in COLOR_ORDERS or not _is_frame(image):
+            return None
+        top, left, side = center_crop_box(image.shape[0], image.shape[1], self.spec.crop_fraction)
+        return image[top : top + side, left : left + side] if side > 2 * self.size else None
+
+    def __call__(self, images: Sequence[Any], color: str = "bgr", *, first_index: int = 0) -> np.ndarray:
+        if len(images) == 0:
+            raise InputError("no images given; pass at least one image.")
+        batch = np.empty((len(images), 3, self.size, self.size), np.float32)
+        crops = [self._crop(image, color) for image in images]
+        i = 0
+        while i < len(images):
+            crop = crops[i]
+            if crop is None:
+                batch[i] = self._one(images[i], color, first_index + i)
+                i += 1
+                continue
+            j = i + 1
+            while j < len(images) and crops[j] is not None and crops[j].shape == crop.shape:
+                j += 1
+            frames = np.ascontiguousarray(crop[None]) if j == i + 1 else np.stack(crops[i:j])
+            feeds = {"frame": frames, "channels": self._channels[color],
+                     "sizes": np.array([j - i, 3, 2 * self.size, 2 * self.size], np.int64), **self._feeds}
+            try:
+                batch[i:j] = self.session.run(["pixels"], feeds)[0]
+            except Exception as e:  # onnxruntime's own untyped errors (out of device memory, say)
+                raise BackendError(f"onnxruntime: preprocessing images {first_index + i}-{first_index + j - 1} "
+                                   f"on '{self.provider}' failed: {e}") from e
+            i = j
+        return batch
+
+
+def frame_preprocessor(spec: ImagePreprocess, providers: Sequence[str]) -> ImagePreprocessor:
+    """The preprocessor for a model whose image graph runs on ``providers``.
+
+    A :class:`DevicePreprocessor` when that is an NVIDIA GPU (``"cuda"`` or
+    ``"tensorrt"`` first) and ONNX Runtime has its CUDA provider; otherwise the
+    CPU's :class:`ImagePreprocessor`. ``EDGEMM_PREPROCESS=cpu`` keeps the CPU's.
+    """
+    wanted = os.environ.get("EDGEMM_PREPROCESS", "auto")
+    if wanted not in ("auto", "cpu"):
+        raise BackendError(f"EDGEMM_PREPROCESS must be 'auto' or 'cpu', got {wanted!r}.")
+    if wanted == "auto" and providers and providers[0] in ("cuda", "tensorrt"):
+        try:
+            ort = require("onnxruntime", "gpu", "Preprocessing frames on the GPU")
+        except MissingDependencyError:  # the native TensorRT backend runs without onnxruntime
+            return ImagePreprocessor(spec)
+        if _PROVIDERS["cuda"] in ort.get_available_providers():
+            return DevicePreprocessor(spec, "cuda")
+    return ImagePreprocessor(spec)

@@ -356,9 +356,10 @@ def device_info(threads: int | None) -> dict[str, Any]:
     Imports onnxruntime (for its provider list) but not torch.
     """
     try:
-        providers = list(require("onnxruntime", "onnx", "Listing ONNX Runtime providers").get_available_providers())
+        ort = require("onnxruntime", "onnx", "Listing ONNX Runtime providers")
+        providers, ort_version = list(ort.get_available_providers()), ort.__version__
     except MissingDependencyError:
-        providers = []
+        providers, ort_version = [], None
     return {
         "cpu_model": _cpu_model(),
         "machine": platform.machine(),
@@ -372,7 +373,9 @@ def device_info(threads: int | None) -> dict[str, Any]:
         "onnxruntime_providers": providers,
         "libraries": {
             "edgemm": _version("edgemm"),
-            "onnxruntime": _version("onnxruntime", "onnxruntime-gpu"),
+            # The module that runs: with onnxruntime-gpu earlier on the path than a CPU onnxruntime, the
+            # distributions' metadata would name the other one.
+            "onnxruntime": ort_version,
             "numpy": np.__version__,
             "torch": _version("torch"),
             "opencv": _version("opencv-python-headless", "opencv-python", "opencv-contrib-python"),

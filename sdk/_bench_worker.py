@@ -291,6 +291,7 @@ def run_job(job: Mapping[str, Any]) -> dict[str, Any]:
                 # Sustained rate over every timed call: items / mean seconds per call.
                 "throughput_per_s": batch * 1e3 / latency["mean"],
                 "background_cpu_cores": other_cores,
+                **({"preprocess_on": getattr(preprocess.fn, "provider", "cpu")} if task == "image" else {}),
             })
             _say(job, f"{model.manifest.name} [{','.join(job['providers'])}] {task} batch {batch}: "
                       f"p50 {latency['p50']:.2f} ms over {len(samples)} calls")

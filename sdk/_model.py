@@ -17,7 +17,7 @@ from edgemm.runtime.backends import Backend, open_backend
 from edgemm.runtime.bundle import Bundle
 from edgemm.runtime.engines import EngineOptions
 from edgemm.runtime.errors import BackendError, BundleError, InputError
-from edgemm.runtime.image import ImagePreprocessor
+from edgemm.runtime.image import frame_preprocessor
 from edgemm.runtime.text import TextTokenizer
 
 _LABEL_CACHE_SIZE = 32  # label sets kept; a camera app typically cycles through a few
@@ -121,7 +121,7 @@ class DualEncoder:
                                                  "spinning": self.SPINNING if spinning is None else spinning}
         self.image_backend = self._open(bundle, "image_encoder", backend)
         self.text_backend = self._open(bundle, "text_encoder", backend)
-        self.preprocess = ImagePreprocessor(m.image)
+        self.preprocess = frame_preprocessor(m.image, self._backend_options["providers"])
         self.tokenizer = TextTokenizer(bundle.file(m.text.tokenizer), max_length=m.text.max_length,
                                        pad_id=m.text.pad_id, padding=m.text.padding)
         self._text_inputs = [t.name for t in self.text_backend.inputs]

@@ -44,14 +44,33 @@ def _cosine_min(a: np.ndarray, b: np.ndarray) -> float:
     return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
 
 
-def test_cuda_provider_embeds_as_the_cpu_does(tiny_clip_bundle, photos):
+def test_cuda_provider_embeds_as_the_cpu_does(tiny_clip_bundle, photos, monkeypatch):
     _ort_cuda(tiny_clip_bundle)
+    monkeypatch.setenv("EDGEMM_PREPROCESS", "cpu")  # the same pixels for both: the graphs are compared here
     cpu, cuda = edgemm.load(tiny_clip_bundle), edgemm.load(tiny_clip_bundle, providers=("cuda",))
     assert cuda.image_backend.providers[0] == "CUDAExecutionProvider"
     images = [p.image for p in photos[:8]]
     assert _cosine_min(cpu.embed_images(images, color="rgb"), cuda.embed_images(images, color="rgb")) > 0.9999
     texts = ["a cat", "two dogs on a sofa", "a forklift"]
     assert _cosine_min(cpu.embed_texts(texts), cuda.embed_texts(texts)) > 0.9999
+
+
+def test_frames_are_preprocessed_on_the_gpu_as_on_the_cpu(default_bundle, photos):
+    """A model on CUDA resizes frames there (DevicePreprocessor): the CPU provider's pixels, to a rounding."""
+    import cv2
+
+    from edgemm.runtime.image import DevicePreprocessor, ImagePreprocessor
+
+    _ort_cuda(default_bundle)
+    model = edgemm.load(default_bundle, providers=("cuda",))
+    assert isinstance(model.preprocess, DevicePreprocessor) and model.preprocess.provider == "cuda"
+    frames = [cv2.resize(np.ascontiguousarray(p.image[:, :, ::-1]), (1920, 1080)) for p in photos]
+    on_gpu = model.preprocess(frames)
+    std = np.asarray(model.manifest.image.std, np.float32).reshape(1, 3, 1, 1)
+    same_graph = np.abs(on_gpu - DevicePreprocessor(model.manifest.image, "cpu")(frames)) * std
+    opencv = np.abs(on_gpu - ImagePreprocessor(model.manifest.image)(frames)) * std
+    assert same_graph.max() <= 1.0 + 1e-3 and (same_graph > 0.5).mean() < 0.01
+    assert opencv.max() <= 1.0 + 1e-3 and (opencv > 0.5).mean() < 0.3
 
 
 def test_cuda_captions_keep_the_cache_on_the_device(tiny_clip_bundle, tiny_blip_bundle, photos):
@@ -64,7 +83,7 @@ def test_cuda_captions_keep_the_cache_on_the_device(tiny_clip_bundle, tiny_blip_
     for beams in (1, 3):
         a = cpu.caption(images, color="rgb", num_beams=beams, max_new_tokens=12)
         b = cuda.caption(images, color="rgb", num_beams=beams, max_new_tokens=12)
-        assert [c.tokens for c in a] == [c.tokens for c in b]
+        assert [c.token_ids for c in a] == [c.token_ids for c in b]
 
 
 def test_tensorrt_provider_caches_its_engines(tiny_clip_bundle, tmp_path):
@@ -137,7 +156,7 @@ def test_native_captioner_gives_onnx_runtimes_tokens(tiny_blip_bundle, tmp_path,
     for beams in (1, 3):
         a = ort.caption(images, color="rgb", num_beams=beams, max_new_tokens=12)
         b = trt.caption(images, color="rgb", num_beams=beams, max_new_tokens=12)
-        assert [c.tokens for c in a] == [c.tokens for c in b]
+        assert [c.token_ids for c in a] == [c.token_ids for c in b]
 
 
 def test_triton_repository_serves_the_checked_plans(tiny_clip_bundle, tmp_path):
