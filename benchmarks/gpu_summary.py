@@ -71,7 +71,8 @@ def preprocessing(found: list[dict]) -> None:
     on = {}
     for r in found:
         if r["task"] == "image" and r["backend"] == "onnxruntime":
-            on[(r["name"], ",".join(r["providers"]), r["batch"], r.get("preprocess_on", "cpu"))] = r
+            on[(f"{r['name']} {r['precision']}", ",".join(r["providers"]), r["batch"],
+                r.get("preprocess_on", "cpu"))] = r
     pairs = [(key, r, on.get((*key[:3], "cpu"))) for key, r in sorted(on.items()) if key[3] != "cpu"]
     pairs = [p for p in pairs if p[2] is not None]
     if not pairs:
