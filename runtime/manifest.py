@@ -23,9 +23,10 @@ import numpy as np
 from edgemm.runtime.errors import BundleError, EdgemmError
 from edgemm.runtime.limits import LIMITS
 
-SCHEMA_VERSION = 3  # the newest manifest schema this runtime understands
+SCHEMA_VERSION = 4  # the newest manifest schema this runtime understands
 # 2: image.resize, text.padding, scoring "sigmoid" with logit_bias, precision "int8"/"fp16" bundles
 # 3: family "captioner" with a "generation" entry; "scoring" and "embedding_dim" only for families that embed
+# 4: scoring.hierarchy (labels grounded in WordNet over the classes) and scoring.grounding_weight
 MANIFEST_NAME = "manifest.json"
 SCORING_KINDS = ("cosine", "sigmoid", "class_space")
 FUSION_TASKS = ("matching", "classification")
@@ -219,6 +220,10 @@ class Scoring:
     video_pooling: str = "mean"  # audio-visual: how frames' class probabilities pool over time ("mean", "attention")
     scene_output: str | None = None  # audio-visual: audio-graph output with scene probabilities (reported, not fused)
     scene_labels: str | None = None  # audio-visual: JSON list naming the scene output's classes
+    hierarchy: str | None = None  # "class_space": JSON table of the classes each WordNet noun covers (grounding)
+    grounding_weight: float = 0.5  # with a hierarchy: weight of a resolving label's class mass (text: 1 - this)
+    grounding_power: float = 1.0  # with a hierarchy: class_output ** this, renormalised, is what masses sum
+    grounding_min_classes: int = 1  # with a hierarchy: labels covering fewer classes keep the text scoring
 
     def __post_init__(self):
         _choice("kind", self.kind, SCORING_KINDS)
@@ -227,13 +232,18 @@ class Scoring:
         _number("tau", self.tau, low=0.0, high=1e4, open_low=True)
         _number("audio_weight", self.audio_weight, low=0.0, high=1.0)
         _choice("video_pooling", self.video_pooling, VIDEO_POOLINGS)
-        for name in ("class_embeddings", "scene_labels"):
+        _number("grounding_weight", self.grounding_weight, low=0.0, high=1.0)
+        _number("grounding_power", self.grounding_power, low=0.0, high=100.0, open_low=True)
+        _int("grounding_min_classes", self.grounding_min_classes, 1)
+        for name in ("class_embeddings", "scene_labels", "hierarchy"):
             _optional_path(name, getattr(self, name))
         for name in ("class_output", "audio_output", "scene_output"):
             if getattr(self, name) is not None:
                 _text(name, getattr(self, name))
         if self.kind == "class_space" and (self.class_embeddings is None or self.class_output is None):
             raise ManifestFieldError("kind", "'class_space' needs both 'class_embeddings' and 'class_output'")
+        if self.hierarchy is not None and self.kind != "class_space":
+            raise ManifestFieldError("hierarchy", "grounds labels in the classes of 'class_space' scoring only")
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from edgemm.runtime.backends import Backend, open_backend
 from edgemm.runtime.bundle import Bundle
 from edgemm.runtime.engines import EngineOptions
 from edgemm.runtime.errors import BackendError, BundleError, InputError
+from edgemm.runtime.grounding import LabelGrounding
 from edgemm.runtime.image import frame_preprocessor
 from edgemm.runtime.text import TextTokenizer
 
@@ -129,8 +130,13 @@ class DualEncoder:
         self.default_labels: tuple[str, ...] = bundle.read_labels(m.labels.file, "labels.file") if m.labels else ()
         self.prompt = m.labels.prompt if m.labels else "{}"
         self._class_embeddings = self._read_class_embeddings() if m.scoring.kind == "class_space" else None
+        self.grounding = (LabelGrounding(bundle.read_json(m.scoring.hierarchy), len(self._class_embeddings),
+                                         f"bundle '{bundle.path}': scoring.hierarchy", m.scoring.grounding_min_classes)
+                          if m.scoring.hierarchy and self._class_embeddings is not None else None)
+        self.grounding_weight = m.scoring.grounding_weight  # a resolving label's class mass against its text score
         self._label_cache: OrderedDict[tuple[str, ...], np.ndarray] = OrderedDict()
         self._label_lock = threading.Lock()
+        self._mask_cache: OrderedDict[tuple[str, ...], tuple[np.ndarray, np.ndarray] | tuple[()]] = OrderedDict()
 
     def _open(self, bundle: Bundle, role: str, backend: str) -> Backend:
         return open_graph(bundle, role, backend, self._backend_options)
@@ -264,23 +270,57 @@ class DualEncoder:
         weights = self.label_weights(self.default_labels if labels is None else labels)  # bad labels fail first
         if not _is_batch(images):
             images = [images]
-        return self._probs(self._run_images(list(images), color, batch_size), weights)
+        return self._probs(self._run_images(list(images), color, batch_size), weights,
+                           self.default_labels if labels is None else labels)
 
     def scores_of(self, outputs: dict[str, np.ndarray], labels: Sequence[str] | None = None) -> np.ndarray:
         """Label probabilities from the image graph's outputs (``_run_images``): images run once, scored
         against many label sets (the accuracy gate)."""
-        return self._probs(outputs, self.label_weights(self.default_labels if labels is None else labels))
+        labels = self.default_labels if labels is None else labels
+        return self._probs(outputs, self.label_weights(labels), labels)
 
-    def _probs(self, outputs: dict[str, np.ndarray], weights: np.ndarray) -> np.ndarray:
+    def _probs(self, outputs: dict[str, np.ndarray], weights: np.ndarray,
+               labels: Sequence[str] | None = None) -> np.ndarray:
         if self._class_embeddings is not None:
-            mass = outputs[self.manifest.scoring.class_output] @ weights
-            return mass / np.maximum(mass.sum(axis=1, keepdims=True), 1e-30)
+            classes = outputs[self.manifest.scoring.class_output]
+            mass = classes @ weights
+            text = mass / np.maximum(mass.sum(axis=1, keepdims=True), 1e-30)
+            grounded = self._grounded(labels)
+            if grounded is None:
+                return text
+            # Labels naming a synset above the classes: the mass of the classes beneath it, in the tower's own
+            # (unsoftened) probabilities, blended with the text scoring; the others keep the text scoring.
+            s = self.manifest.scoring
+            sharp = np.power(np.maximum(classes, 0.0), s.grounding_power)
+            sharp /= np.maximum(sharp.sum(axis=1, keepdims=True), 1e-30)
+            masks, resolved = grounded
+            alpha = self.grounding_weight
+            blend = np.where(resolved, alpha * (sharp @ masks) + (1 - alpha) * text, text)
+            return blend / np.maximum(blend.sum(axis=1, keepdims=True), 1e-30)
         logits = self.manifest.scoring.logit_scale * (outputs["embedding"] @ weights.T)
         if self.manifest.scoring.kind == "sigmoid":
             return 1.0 / (1.0 + np.exp(-(logits + self.manifest.scoring.logit_bias)))
         logits -= logits.max(axis=1, keepdims=True)
         p = np.exp(logits)
         return p / p.sum(axis=1, keepdims=True)
+
+    def _grounded(self, labels: Sequence[str] | None) -> tuple[np.ndarray, np.ndarray] | None:
+        """(classes, L) masks of the classes each label covers and which labels resolve; None without any."""
+        if self.grounding is None or labels is None:
+            return None
+        key = tuple(labels)
+        with self._label_lock:
+            cached = self._mask_cache.get(key)
+        if cached is None:
+            masks = self.grounding.masks(key)
+            resolved = np.array([m is not None for m in masks])
+            stacked = np.stack([np.zeros(self.grounding.classes, np.float32) if m is None else m for m in masks], 1)
+            cached = (stacked, resolved) if resolved.any() else ()
+            with self._label_lock:
+                self._mask_cache[key] = cached
+                if len(self._mask_cache) > _LABEL_CACHE_SIZE:
+                    self._mask_cache.popitem(last=False)
+        return cached or None
 
     def classify(self, images: Any, labels: Sequence[str] | None = None, *, top_k: int = 5,
                  color: str = "bgr", batch_size: int = 32) -> list[Prediction] | list[list[Prediction]]:

