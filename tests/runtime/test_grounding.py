@@ -1,7 +1,6 @@
 """Labels grounded in WordNet (runtime/grounding.py) over the default bundle's ImageNet classes."""
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
