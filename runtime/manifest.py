@@ -402,7 +402,7 @@ class Manifest:
         """(field, relative path) of every file a manifest field names; each must also be in ``files``."""
         named = [(f"graphs.{role}.file", g.file) for role, g in self.graphs.items()]
         for section, attrs in (("text", ("tokenizer",)), ("labels", ("file",)),
-                               ("scoring", ("class_embeddings", "scene_labels")), ("fusion", ("labels",)),
+                               ("scoring", ("class_embeddings", "scene_labels", "hierarchy")), ("fusion", ("labels",)),
                                ("generation", ("tokenizer",))):
             part = getattr(self, section)
             named += [(f"{section}.{a}", getattr(part, a)) for a in attrs if part and getattr(part, a) is not None]

@@ -100,3 +100,12 @@ def test_a_hostile_table_in_a_bundle_is_a_bundle_error(bundle_copy):
                                                           "lemmas": {}}))
     with pytest.raises(edgemm.BundleError, match="scoring.hierarchy"):
         edgemm.load(bundle_copy, check_hashes=False)
+
+
+@pytest.mark.parametrize("path", ["../wordnet.json", "/etc/passwd", "missing.json"])
+def test_the_table_must_be_a_listed_file_inside_the_bundle(bundle_copy, path):
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    manifest["scoring"]["hierarchy"] = path
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(edgemm.BundleError, match="scoring.hierarchy"):
+        edgemm.load(bundle_copy)
