@@ -80,7 +80,7 @@ def main() -> int:
     result = {"emoji": len(items), "categories": list(CATEGORIES), "fashion_train_images": len(fx), "grid": {}}
     for n in MIN_CLASSES:
         model.grounding.min_classes = n
-        model._mask_cache.clear()
+        model._label_cache.clear()
         for alpha in WEIGHTS:
             model.grounding_weight = alpha
             row = {part: top1(model, {k: v[rows] for k, v in outputs.items()}, [items[i][2] for i in rows])
@@ -96,7 +96,7 @@ def main() -> int:
     result["picked"] = best
     n, alpha = int(best.split("/")[0]), float(best.split("/")[1])
     model.grounding.min_classes = n
-    model._mask_cache.clear()
+    model._label_cache.clear()
     photos = {p.name: p.image for p in sample_photos()}
     for alpha in (0.0, alpha):
         model.grounding_weight = alpha

@@ -134,9 +134,9 @@ class DualEncoder:
                                          f"bundle '{bundle.path}': scoring.hierarchy", m.scoring.grounding_min_classes)
                           if m.scoring.hierarchy and self._class_embeddings is not None else None)
         self.grounding_weight = m.scoring.grounding_weight  # a resolving label's class mass against its text score
-        self._label_cache: OrderedDict[tuple[str, ...], np.ndarray] = OrderedDict()
+        self._label_cache: OrderedDict[tuple[str, ...], tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]] = \
+            OrderedDict()
         self._label_lock = threading.Lock()
-        self._mask_cache: OrderedDict[tuple[str, ...], tuple[np.ndarray, np.ndarray] | tuple[()]] = OrderedDict()
 
     def _open(self, bundle: Bundle, role: str, backend: str) -> Backend:
         return open_graph(bundle, role, backend, self._backend_options)
@@ -239,6 +239,10 @@ class DualEncoder:
         For ``cosine`` scoring: label text embeddings (L, dim). For
         ``class_space``: label weights over the classes (classes, L).
         """
+        return self._label_entry(labels)[0]
+
+    def _label_entry(self, labels: Sequence[str]) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+        """A label set's weights and WordNet grounding (``_grounded``), cached together per label set."""
         key = _check_labels(labels)
         with self._label_lock:  # another thread may evict between a lookup and move_to_end
             cached = self._label_cache.get(key)
@@ -254,11 +258,12 @@ class DualEncoder:
             weights /= weights.sum(axis=0, keepdims=True)
         else:
             weights = text
+        entry = (weights, self._grounded(key))
         with self._label_lock:
-            self._label_cache[key] = weights
+            self._label_cache[key] = entry
             if len(self._label_cache) > _LABEL_CACHE_SIZE:
                 self._label_cache.popitem(last=False)
-        return weights
+        return entry
 
     def scores(self, images: Any, labels: Sequence[str] | None = None, *, color: str = "bgr",
                batch_size: int = 32) -> np.ndarray:
@@ -267,25 +272,22 @@ class DualEncoder:
         Rows sum to 1 (a softmax over the labels), except for ``sigmoid`` scoring
         (SigLIP), where each label gets its own independent probability.
         """
-        weights = self.label_weights(self.default_labels if labels is None else labels)  # bad labels fail first
+        entry = self._label_entry(self.default_labels if labels is None else labels)  # bad labels fail first
         if not _is_batch(images):
             images = [images]
-        return self._probs(self._run_images(list(images), color, batch_size), weights,
-                           self.default_labels if labels is None else labels)
+        return self._probs(self._run_images(list(images), color, batch_size), *entry)
 
     def scores_of(self, outputs: dict[str, np.ndarray], labels: Sequence[str] | None = None) -> np.ndarray:
         """Label probabilities from the image graph's outputs (``_run_images``): images run once, scored
         against many label sets (the accuracy gate)."""
-        labels = self.default_labels if labels is None else labels
-        return self._probs(outputs, self.label_weights(labels), labels)
+        return self._probs(outputs, *self._label_entry(self.default_labels if labels is None else labels))
 
     def _probs(self, outputs: dict[str, np.ndarray], weights: np.ndarray,
-               labels: Sequence[str] | None = None) -> np.ndarray:
+               grounded: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
         if self._class_embeddings is not None:
             classes = outputs[self.manifest.scoring.class_output]
             mass = classes @ weights
             text = mass / np.maximum(mass.sum(axis=1, keepdims=True), 1e-30)
-            grounded = self._grounded(labels)
             if grounded is None:
                 return text
             # Labels naming a synset above the classes: the mass of the classes beneath it, in the tower's own
@@ -304,23 +306,15 @@ class DualEncoder:
         p = np.exp(logits)
         return p / p.sum(axis=1, keepdims=True)
 
-    def _grounded(self, labels: Sequence[str] | None) -> tuple[np.ndarray, np.ndarray] | None:
+    def _grounded(self, labels: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray] | None:
         """(classes, L) masks of the classes each label covers and which labels resolve; None without any."""
-        if self.grounding is None or labels is None:
+        if self.grounding is None:
             return None
-        key = tuple(labels)
-        with self._label_lock:
-            cached = self._mask_cache.get(key)
-        if cached is None:
-            masks = self.grounding.masks(key)
-            resolved = np.array([m is not None for m in masks])
-            stacked = np.stack([np.zeros(self.grounding.classes, np.float32) if m is None else m for m in masks], 1)
-            cached = (stacked, resolved) if resolved.any() else ()
-            with self._label_lock:
-                self._mask_cache[key] = cached
-                if len(self._mask_cache) > _LABEL_CACHE_SIZE:
-                    self._mask_cache.popitem(last=False)
-        return cached or None
+        masks = self.grounding.masks(labels)
+        resolved = np.array([m is not None for m in masks])
+        if not resolved.any():
+            return None
+        return np.stack([np.zeros(self.grounding.classes, np.float32) if m is None else m for m in masks], 1), resolved
 
     def classify(self, images: Any, labels: Sequence[str] | None = None, *, top_k: int = 5,
                  color: str = "bgr", batch_size: int = 32) -> list[Prediction] | list[list[Prediction]]:
