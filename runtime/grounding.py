@@ -100,7 +100,10 @@ class LabelGrounding:
         if not words:
             return None
         parts = words.split()
-        candidates = [words] if len(parts) > 2 else [words, parts[-1]] if len(parts) == 2 else [words]
+        candidates = [words]
+        # "a red car" is a car; "crane bird", "rickshaw vehicle", "baby pacifier" name their first word's thing
+        if len(parts) == 2 and not any(self.lemmas.get(f) for f in self._forms(parts[0])):
+            candidates.append(parts[-1])
         for phrase in candidates:
             for lemma in self._forms(phrase.replace(" ", "_")):
                 senses = self.lemmas.get(lemma)
@@ -123,13 +126,16 @@ class LabelGrounding:
     def masks(self, labels: Sequence[str]) -> list[np.ndarray | None]:
         """Per label, a (classes,) 0/1 float32 mask of the classes it scores by, or None where it does not resolve.
 
-        Each class goes to the most specific resolving labels that cover it (fewest classes);
-        a label left with none (all claimed by more specific ones) keeps its whole set.
+        Each class goes to the most specific labels that cover it (fewest classes); labels too narrow
+        to resolve (under ``min_classes``: "beagle") still claim theirs, so that "a dog" beside 100
+        breeds keeps only the breeds nobody named. A resolving label left with none keeps its whole set.
         """
         covered = [self.covered(label) for label in labels]
         owner_size = np.full(self.classes, np.iinfo(np.int64).max)
-        for c in covered:
-            if c is not None:
+        for label in labels:
+            sense = self._sense(label, 1)
+            if sense is not None:
+                c = self.synsets[sense][1]
                 owner_size[c] = np.minimum(owner_size[c], len(c))
         out: list[np.ndarray | None] = []
         for c in covered:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import threading
@@ -180,6 +179,19 @@ class DualEncoder:
                               "Re-export the bundle.")
         return prior
 
+    @property
+    def grounding_prior_power(self) -> float:
+        """How strongly grounded masses divide out the content-free prior (0: not at all)."""
+        return self._prior_power
+
+    @grounding_prior_power.setter
+    def grounding_prior_power(self, power: float) -> None:
+        self._prior_power = float(power)
+        prior = self.grounding_prior
+        # computed once here, not per frame; scaled to ≤ 1 so that it cannot overflow
+        self._prior_factor = (None if not power or prior is None
+                              else np.power(prior / prior.min(), -self._prior_power).astype(np.float32))
+
     def __repr__(self) -> str:
         return f"DualEncoder({str(self.bundle.path)!r}, dim={self.dim}, precision={self.manifest.precision!r})"
 
@@ -309,9 +321,8 @@ class DualEncoder:
             # (unsoftened) probabilities, blended with the text scoring; the others keep the text scoring.
             s = self.manifest.scoring
             sharp = np.power(np.maximum(classes, 0.0), s.grounding_power)
-            if self.grounding_prior_power:  # divide out what the tower says of an image with nothing in it
-                prior = self.grounding_prior
-                sharp = sharp * np.power(prior / prior.min(), -self.grounding_prior_power)  # ≤ 1: cannot overflow
+            if self._prior_factor is not None:  # divide out what the tower says of an image with nothing in it
+                sharp *= self._prior_factor
             sharp /= np.maximum(sharp.sum(axis=1, keepdims=True), 1e-30)
             masks, resolved = grounded
             alpha = self.grounding_weight
@@ -430,20 +441,18 @@ def _build_default(name: str) -> Path:
 def _stale_default(path: Path) -> str | None:
     """Why a built-in bundle must be (re)built, or None when this edgemm made it: an upgrade brings its new model."""
     from edgemm import __version__
-    from edgemm.runtime.manifest import SCHEMA_VERSION
+    from edgemm.runtime.manifest import SCHEMA_VERSION, read_manifest
 
-    manifest = path / "manifest.json"
-    if not manifest.is_file():
+    if not (path / "manifest.json").is_file():
         return "is not built"
     try:
-        if manifest.stat().st_size > 1 << 20:
-            raise ValueError("manifest over 1 MiB")
-        data = json.loads(manifest.read_text(encoding="utf-8"))
-        schema, made_by = data.get("schema_version"), data.get("tools", {}).get("edgemm")
-    except (OSError, ValueError, AttributeError) as e:
-        return f"has an unreadable manifest ({e})"
-    if schema != SCHEMA_VERSION or made_by != __version__:
-        return f"was built by edgemm {made_by} (manifest schema {schema}); this is edgemm {__version__} (schema {SCHEMA_VERSION})"
+        m = read_manifest(path)
+    except BundleError as e:
+        return f"cannot be read ({e})"
+    made_by = m.tools.get("edgemm")
+    if m.schema_version != SCHEMA_VERSION or made_by != __version__:
+        return (f"was built by edgemm {made_by} (manifest schema {m.schema_version}); this is edgemm {__version__} "
+                f"(schema {SCHEMA_VERSION})")
     return None
 
 

@@ -60,12 +60,12 @@ DEFAULT_TOP_K = 10  # classes kept in the ConSE embedding (measured best of 1, 5
 DEFAULT_TAU = 0.05  # label → class softmax temperature (measured best of 0.02, 0.05, 0.1)
 # Which ImageNet classes each WordNet noun covers (scripts/make_wordnet_table.py), for grounding labels.
 WORDNET_TABLE = Path(__file__).resolve().parent / "data" / "imagenet_wordnet.json"
-# Picked by benchmarks/grounding_study.py on half the emoji, keeping Fashion-MNIST (train) where text scoring has it:
-# labels covering fewer than 10 classes ("coat", "sandal") lost Fashion-MNIST points when grounded.
+# Picked by benchmarks/grounding_study.py on half the emoji, keeping Fashion-MNIST (train; its class names and 10
+# category labels) within a point of text scoring: grounding narrow labels ("coat", "a tool") cost it points.
 DEFAULT_GROUNDING_WEIGHT = 0.5
 DEFAULT_GROUNDING_MIN_CLASSES = 20
 # Grounded masses divide out the classes' response to content-free images ("calibrate before use", Zhao et al.
-# 2021): a flat drawing is not a baby pacifier just because the tower says so of every flat image. Picked there too.
+# 2021): a flat drawing is not a baby pacifier just because the tower says so of every flat image. Picked the same way.
 DEFAULT_GROUNDING_PRIOR_POWER = 2.0
 CONTENT_FREE_COLOURS = ((0, 0, 0), (255, 255, 255), (128, 128, 128), (64, 64, 64), (192, 192, 192),
                         (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0))

@@ -110,3 +110,56 @@ def test_the_table_must_be_a_listed_file_inside_the_bundle(bundle_copy, path):
     (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(edgemm.BundleError, match="scoring.hierarchy"):
         edgemm.load(bundle_copy)
+
+
+def test_plant_takes_the_first_sense_that_covers_enough_classes(grounding):
+    grounding.min_classes = 2
+    try:  # "plant" as a factory covers 1 class; as an organism (daisy, lady's slipper) 2
+        assert grounding.synset("a plant") == "n03956922" and len(grounding.covered("a plant")) == 2
+    finally:
+        grounding.min_classes = 1
+
+
+def test_the_content_free_prior_changes_grounded_scores_only(model, photos):
+    outputs = model._run_images([p.image for p in photos], "rgb", 16)
+    assert model.grounding_prior_power > 0 and model.grounding_prior.shape == (1000,)
+    labels = ["an animal", "a vehicle", "a cup of coffee on a saucer"]  # the last resolves to nothing
+    with_prior = model.scores_of(outputs, labels)
+    power = model.grounding_prior_power
+    model.grounding_prior_power = 0.0
+    try:
+        without = model.scores_of(outputs, labels)
+        text_only = model.scores_of(outputs, ["a cup of coffee on a saucer", "an old red truck driving fast"])
+    finally:
+        model.grounding_prior_power = power
+    assert np.abs(with_prior - without).max() > 1e-3  # the prior moved grounded masses
+    assert np.allclose(model.scores_of(outputs, ["a cup of coffee on a saucer", "an old red truck driving fast"]),
+                       text_only)  # labels that do not resolve never see it
+    assert np.allclose(with_prior.sum(1), 1.0)
+
+
+@pytest.mark.parametrize("prior, problem", [
+    (np.full(999, 1e-3, np.float32), "1000 positive class probabilities"),
+    (np.zeros(1000, np.float32), "positive"),
+    (np.full((1000, 1), 1e-3, np.float32), "1-D float array"),
+    (np.full(1000, np.nan, np.float32), "NaN"),
+])
+def test_a_hostile_prior_is_a_bundle_error(bundle_copy, prior, problem):
+    np.save(bundle_copy / "grounding_prior.npy", prior)
+    with pytest.raises(edgemm.BundleError, match=problem):
+        edgemm.load(bundle_copy, check_hashes=False)
+
+
+def test_a_built_in_bundle_from_another_edgemm_is_stale(default_bundle, tmp_path):
+    from edgemm._model import _stale_default
+
+    assert _stale_default(tmp_path / "nothing") == "is not built"
+    assert _stale_default(default_bundle) is None  # made by this edgemm
+    old = tmp_path / "old"
+    old.mkdir()
+    manifest = json.loads((default_bundle / "manifest.json").read_text())
+    manifest["tools"]["edgemm"] = "0.0.1"
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    assert "built by edgemm 0.0.1" in _stale_default(old)
+    (old / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 99}))
+    assert "cannot be read" in _stale_default(old) and "newer" in _stale_default(old)
