@@ -11,9 +11,10 @@ Alternate emoji (in codepoint order) pick the weight, the fewest classes a groun
 must cover and how strongly the content-free prior is divided out, among the settings that keep
 Fashion-MNIST (1,000 training images, never the test split; its class labels and the category
 labels below alike) within a point of text scoring alone; the other emoji are scored with it.
-Then, with the picked setting against text scoring alone, on images none of this saw: Fashion-MNIST's test split among 10 category labels
-(clothing, footwear, a bag and 7 others), the sample photos with a subject among the emoji's
-10 categories, and the photos of people among person/animal/vehicle/object.
+Then, with the picked setting against text scoring alone, on images none of this saw:
+Fashion-MNIST's test split among 10 category labels (clothing, footwear, a bag and 7 others),
+the sample photos with a subject among the emoji's 10 categories, and the photos of people
+among person/animal/vehicle/object.
 """
 
 from __future__ import annotations
